@@ -1,0 +1,33 @@
+"""hf_influence: K-FAC / EK-FAC influence functions for data attribution in diffusers pipelines."""
+
+__version__ = "0.1.0"
+
+from .attribution import pairwise_scores
+from .factors import FactorConfig, InfluenceFactors
+from .fitting import fit_factors
+from .measurements import (
+    Loss,
+    LossAtTime,
+    Measurement,
+    SimplifiedELBO,
+    SquareNorm,
+    WeightedLoss,
+    get_measurement,
+)
+from .task import DiffusionTask
+
+__all__ = [
+    "DiffusionTask",
+    "FactorConfig",
+    "InfluenceFactors",
+    "Loss",
+    "LossAtTime",
+    "Measurement",
+    "SimplifiedELBO",
+    "SquareNorm",
+    "WeightedLoss",
+    "__version__",
+    "fit_factors",
+    "get_measurement",
+    "pairwise_scores",
+]

@@ -1,0 +1,54 @@
+"""The damped inverse `(F̂ + λI)⁻¹` applied in the Kronecker eigenbasis (`method.md` §3.5).
+
+For a weight-gradient matrix `V` (d_out × d_in) and eigenvalues `Λ` (EK-FAC: corrected,
+K-FAC: `λ^G_i λ^A_j`), `P V = Q_G [(Q_Gᵀ V Q_A) ⊘ (Λ + λ)] Q_Aᵀ`; the bias block uses
+`Q_G [(Q_Gᵀ v) ⊘ (λ^b + λ)]`. Damping is absolute: added to every eigenvalue.
+"""
+
+from __future__ import annotations
+
+import torch
+
+Layer = dict[str, torch.Tensor]
+
+
+def eigenvalues(layer: Layer) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The weight block's eigenvalues (d_out × d_in) and the bias block's (d_out), if the layer has a bias.
+
+    EK-FAC stores corrected `eigenvalues`; K-FAC's are the products `λ^G_i λ^A_j`.
+    """
+    if "eigenvalues" in layer:
+        weight = layer["eigenvalues"]
+    else:
+        weight = torch.outer(layer["gradient_eigenvalues"], layer["activation_eigenvalues"])
+    return weight, layer.get("bias_eigenvalues")
+
+
+def to_eigenbasis(
+    layer: Layer, weight: torch.Tensor, bias: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Rotate batched gradients `(Q, d_out, d_in)` and `(Q, d_out)` into the K-FAC eigenbasis."""
+    q_a, q_g = layer["activation_eigenvectors"], layer["gradient_eigenvectors"]
+    weight = q_g.T @ weight.to(q_g.dtype) @ q_a
+    return weight, None if bias is None else bias.to(q_g.dtype) @ q_g
+
+
+def from_eigenbasis(
+    layer: Layer, weight: torch.Tensor, bias: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    q_a, q_g = layer["activation_eigenvectors"], layer["gradient_eigenvectors"]
+    return q_g @ weight @ q_a.T, None if bias is None else bias @ q_g.T
+
+
+def precondition(
+    layer: Layer, weight: torch.Tensor, bias: torch.Tensor | None, damping: float
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`(F̂ + λI)⁻¹` applied to batched weight (and bias) gradients of one layer."""
+    if damping < 0:
+        raise ValueError(f"damping must be non-negative, got {damping}.")
+    weight, bias = to_eigenbasis(layer, weight, bias)
+    weight_eigenvalues, bias_eigenvalues = eigenvalues(layer)
+    weight = weight / (weight_eigenvalues + damping)
+    if bias is not None:
+        bias = bias / (bias_eigenvalues + damping)
+    return from_eigenbasis(layer, weight, bias)

@@ -1,0 +1,120 @@
+"""Layer kinds: how a Linear or Conv2d layer's input and output gradient become the K-FAC vectors.
+
+Every supported layer is seen as `y_r = W a_r + b` at `R` weight-sharing positions `r`:
+`a` is `(S, R, d_in)` and the output gradient `g` is `(S, R, d_out)`, one row `S` per draw.
+A weight gradient is then `Σ_r g_r a_rᵀ`, with `W` flattened row-major to `(d_out, d_in)`.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class LayerKind:
+    """How one module type maps to `(a, g)`; subclasses of the module type are handled too."""
+
+    module_type: type[nn.Module] = nn.Module
+
+    @staticmethod
+    def activations(module: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    @staticmethod
+    def output_gradients(module: nn.Module, grad_output: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    @staticmethod
+    def weight_shape(module: nn.Module) -> tuple[int, int]:
+        """(d_out, d_in) of the flattened weight."""
+        raise NotImplementedError
+
+
+class LinearKind(LayerKind):
+    """`nn.Linear` on `(S, d_in)` (R = 1) or on tokens `(S, ..., d_in)` (R = number of tokens)."""
+
+    module_type = nn.Linear
+
+    @staticmethod
+    def activations(module: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
+        return inputs.reshape(inputs.shape[0], -1, inputs.shape[-1])
+
+    @staticmethod
+    def output_gradients(module: nn.Module, grad_output: torch.Tensor) -> torch.Tensor:
+        return grad_output.reshape(grad_output.shape[0], -1, grad_output.shape[-1])
+
+    @staticmethod
+    def weight_shape(module: nn.Module) -> tuple[int, int]:
+        return module.out_features, module.in_features
+
+
+class Conv2dKind(LayerKind):
+    """`nn.Conv2d`: the positions are the output pixels and `a_r` is the im2col patch, in the
+    `(C_in, k1, k2)` order of `W.view(C_out, -1)`. Non-zero padding modes pad first, as the module does."""
+
+    module_type = nn.Conv2d
+
+    @staticmethod
+    def activations(module: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
+        if module.groups != 1:
+            raise NotImplementedError(
+                f"Grouped convolutions (groups={module.groups}) are not supported; "
+                "exclude this layer with FactorConfig(module_filter=...)."
+            )
+        padding = module.padding
+        if module.padding_mode != "zeros":
+            inputs = F.pad(inputs, module._reversed_padding_repeated_twice, mode=module.padding_mode)
+            padding = 0
+        if isinstance(padding, str):  # "same" / "valid"
+            if padding == "same":
+                total = [d * (k - 1) for d, k in zip(module.dilation, module.kernel_size, strict=True)]
+                pads = [total[1] // 2, total[1] - total[1] // 2, total[0] // 2, total[0] - total[0] // 2]
+                inputs = F.pad(inputs, pads)
+            padding = 0
+        patches = F.unfold(inputs, module.kernel_size, dilation=module.dilation, padding=padding, stride=module.stride)
+        return patches.transpose(1, 2)
+
+    @staticmethod
+    def output_gradients(module: nn.Module, grad_output: torch.Tensor) -> torch.Tensor:
+        return grad_output.flatten(2).transpose(1, 2)
+
+    @staticmethod
+    def weight_shape(module: nn.Module) -> tuple[int, int]:
+        return module.out_channels, module.weight[0].numel()
+
+
+LAYER_KINDS: tuple[type[LayerKind], ...] = (LinearKind, Conv2dKind)
+
+
+def layer_kind(module: nn.Module) -> type[LayerKind] | None:
+    for kind in LAYER_KINDS:
+        if isinstance(module, kind.module_type):
+            return kind
+    return None
+
+
+def find_layers(
+    model: nn.Module, module_filter: str | Callable[[str, nn.Module], bool] | None = None
+) -> dict[str, nn.Module]:
+    """The supported layers of `model` by qualified name, in registration order.
+
+    `module_filter` is a regex searched in the name, or a callable `(name, module) -> bool`.
+    """
+    layers = {}
+    for name, module in model.named_modules():
+        if layer_kind(module) is None:
+            continue
+        if isinstance(module_filter, str) and not re.search(module_filter, name):
+            continue
+        if callable(module_filter) and not module_filter(name, module):
+            continue
+        layers[name] = module
+    if not layers:
+        raise ValueError(
+            f"No Linear or Conv2d layer of {type(model).__name__} matches module_filter={module_filter!r}."
+        )
+    return layers

@@ -1,0 +1,83 @@
+"""`datasets` helpers: batches of (ids, images) from any map-style or streaming dataset.
+
+Every example needs a stable id: draws are seeded by it and indices store it. The id comes from
+`id_column` when the dataset has one; otherwise it is the row position, and a warning says so.
+"""
+
+from __future__ import annotations
+
+import itertools
+import warnings
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+if TYPE_CHECKING:
+    from .task import DiffusionTask
+
+
+@dataclass
+class ExampleBatch:
+    ids: list[Any]
+    samples: torch.Tensor  # (B, C, H, W) in [-1, 1]
+
+
+def dataset_length(dataset: Iterable) -> int | None:
+    try:
+        return len(dataset)  # type: ignore[arg-type]
+    except TypeError:
+        return None
+
+
+def iter_example_batches(
+    dataset: Iterable[dict[str, Any]],
+    task: DiffusionTask,
+    batch_size: int,
+    id_column: str = "id",
+) -> Iterator[ExampleBatch]:
+    """Preprocessed batches of `batch_size` examples (the last may be smaller).
+
+    Raises a clear error for a dataset without the task's image column, or an empty one.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}.")
+    rows = iter(dataset)
+    first = next(rows, None)
+    if first is None:
+        raise ValueError("The dataset is empty: there are no training examples to attribute to.")
+    if task.image_column not in first:
+        raise KeyError(
+            f"The dataset has no column {task.image_column!r} (its columns are {sorted(first)}); "
+            "pass image_column=... when building the DiffusionTask."
+        )
+    if id_column not in first:
+        warnings.warn(
+            f"The dataset has no {id_column!r} column: using each row's position as its id. "
+            "Add a stable id column (dataset.add_column) if the order can change.",
+            stacklevel=2,
+        )
+    rows = itertools.chain([first], rows)
+    for position in itertools.count(0, batch_size):
+        chunk = list(itertools.islice(rows, batch_size))
+        if not chunk:
+            return
+        ids = [row.get(id_column, position + offset) for offset, row in enumerate(chunk)]
+        yield ExampleBatch(ids, task.preprocess([row[task.image_column] for row in chunk]))
+
+
+def draw_chunks(num_examples: int, num_draws: int, batch_size: int) -> Iterator[tuple[slice, slice]]:
+    """Split `num_examples × num_draws` rows into forward passes of at most `batch_size` rows.
+
+    Yields (examples, draws) slices. Whole examples go together while their draws fit in a batch;
+    otherwise one example's draws are spread over several passes.
+    """
+    if num_draws <= batch_size:
+        per_chunk = batch_size // num_draws
+        for start in range(0, num_examples, per_chunk):
+            yield slice(start, min(start + per_chunk, num_examples)), slice(0, num_draws)
+    else:
+        for example in range(num_examples):
+            for start in range(0, num_draws, batch_size):
+                yield slice(example, example + 1), slice(start, min(start + batch_size, num_draws))

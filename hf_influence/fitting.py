@@ -1,0 +1,136 @@
+"""`fit_factors`: stream the training data through the denoiser and fit (E)K-FAC factors.
+
+Pass 1 accumulates the Kronecker factors `A` and `G` over `draws_per_example` draws per example,
+then eigendecomposes them; for EK-FAC, pass 2 estimates the corrected eigenvalues on independent
+draws (another seed stream). Every draw is seeded by the example's id, so the factors do not depend
+on the batch size or on the order of the data.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import asdict
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from . import __version__
+from .curvature.capture import LayerCapture
+from .curvature.kfac import CovarianceAccumulator, EigenvalueCorrectionAccumulator, eigendecompose
+from .curvature.layers import find_layers, layer_kind
+from .data import dataset_length, draw_chunks, iter_example_batches
+from .factors import FORMAT, FORMAT_VERSION, FactorConfig, InfluenceFactors
+from .task import DenoiserOutput, DiffusionTask
+
+
+def fit_factors(
+    task: DiffusionTask, dataset: Iterable[dict[str, Any]], config: FactorConfig | None = None
+) -> InfluenceFactors:
+    """Fit the curvature of `task`'s denoiser on `dataset` (a `datasets` Dataset, IterableDataset or
+    any iterable of rows with the task's image column)."""
+    config = config or FactorConfig()
+    layers = find_layers(task.denoiser, config.module_filter)
+    dtype = config.torch_dtype
+    was_training = task.denoiser.training
+    task.denoiser.eval()
+    try:
+        covariances = CovarianceAccumulator(layers, config.approx, dtype)
+        num_draws = _run_pass(
+            task, dataset, config, layers, "fit", covariances.on_forward, covariances.on_backward, "Fitting covariances"
+        )
+        tensors: dict[str, torch.Tensor] = {}
+        activation_vectors, gradient_vectors = {}, {}
+        for name in tqdm(layers, desc="Eigendecomposition", leave=False):
+            activation = covariances.activation[name] / num_draws
+            gradient = covariances.gradient[name] / num_draws
+            activation_values, activation_vectors[name] = eigendecompose(activation)
+            gradient_values, gradient_vectors[name] = eigendecompose(gradient)
+            tensors.update(
+                {
+                    f"{name}.activation_covariance": activation,
+                    f"{name}.gradient_covariance": gradient,
+                    f"{name}.activation_eigenvectors": activation_vectors[name],
+                    f"{name}.gradient_eigenvectors": gradient_vectors[name],
+                }
+            )
+            if config.strategy == "kfac":
+                tensors[f"{name}.activation_eigenvalues"] = activation_values
+                tensors[f"{name}.gradient_eigenvalues"] = gradient_values
+                if layers[name].bias is not None:
+                    tensors[f"{name}.bias_eigenvalues"] = gradient_values
+        del covariances
+        if config.strategy == "ekfac":
+            correction = EigenvalueCorrectionAccumulator(activation_vectors, gradient_vectors, dtype)
+            correction_draws = _run_pass(
+                task, dataset, config, layers, "correction", None, correction.on_backward, "Eigenvalue correction"
+            )
+            for name in layers:
+                tensors[f"{name}.eigenvalues"] = correction.weight[name] / correction_draws
+                if name in correction.bias:
+                    tensors[f"{name}.bias_eigenvalues"] = correction.bias[name] / correction_draws
+    finally:
+        task.denoiser.train(was_training)
+
+    metadata = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "library_version": __version__,
+        **asdict(config),
+        "num_draws": num_draws,
+        "modules": list(layers),
+        "shapes": {name: list(layer_kind(module).weight_shape(module)) for name, module in layers.items()},
+        "model": {"fingerprint": task.fingerprint(), "denoiser": type(task.denoiser).__name__},
+    }
+    return InfluenceFactors(metadata, {name: value.to("cpu") for name, value in tensors.items()})
+
+
+def _run_pass(
+    task: DiffusionTask,
+    dataset: Iterable[dict[str, Any]],
+    config: FactorConfig,
+    layers: dict,
+    stream: str,
+    on_forward: Any,
+    on_backward: Any,
+    description: str,
+) -> int:
+    """One sweep over the data with `draws_per_example` draws per example; returns the number of draws."""
+    draws_per_example = config.draws_per_example
+    examples_per_batch = max(1, config.batch_size // draws_per_example)
+    length = dataset_length(dataset)
+    total_batches = math.ceil(length / examples_per_batch) if length else None
+    num_draws = 0
+    with torch.enable_grad(), LayerCapture(layers, on_forward=on_forward, on_backward=on_backward) as capture:
+        batches = iter_example_batches(dataset, task, examples_per_batch, config.id_column)
+        for batch in tqdm(batches, total=total_batches, desc=description, unit="batch"):
+            for examples, draw_rows in draw_chunks(len(batch.ids), draws_per_example, config.batch_size):
+                output, draws = task.run(
+                    batch.samples[examples],
+                    batch.ids[examples],
+                    draws_per_example,
+                    draw_rows,
+                    config.seed,
+                    stream,
+                    augment=True,
+                )
+                capture.backward(_backpropagated_value(task, output, draws.probe, config.ggn))
+                num_draws += len(draws)
+    return num_draws
+
+
+def _backpropagated_value(task: DiffusionTask, output: DenoiserOutput, probe: torch.Tensor, ggn: str) -> torch.Tensor:
+    """The scalar whose gradient gives each draw's output-gradient vector `s`.
+
+    GGN^model: `s = sqrt(2/D) ξ`, so E[s sᵀ] = 2/D I, the loss's curvature in the denoiser output.
+    GGN^loss: `s = ∂ℓ/∂f`, the per-draw loss gradient with the true target.
+    """
+    if ggn == "model":
+        probe = probe.to(output.prediction.device, output.prediction.dtype)
+        scale = math.sqrt(2.0 / task.sample_numel)
+        return (output.prediction * probe).sum() * scale
+    loss = output.loss_per_draw()
+    if not torch.isfinite(loss).all():
+        raise FloatingPointError("The training loss is NaN or infinite: check the model weights and the data.")
+    return loss.sum()
