@@ -41,6 +41,9 @@ class FactorConfig:
         approx: "expand" (default; weight-sharing positions act as data) or "reduce".
         ggn: "model" (default; MC Fisher of the denoiser output, GGN^model) or "loss" (GGN^loss:
             outer products of per-draw loss gradients, with the true noise as target).
+        output_curvature: with ggn="model", how the loss's curvature `2/D I` in the denoiser output
+            enters: "mc" (default; one Monte-Carlo probe ξ per draw, as the paper) or "exact" (D
+            backward passes per draw, one per output element: only for small models and tests).
         draws_per_example: (t, ε) draws per training example for the covariances; EK-FAC uses as
             many independent draws again for the eigenvalue correction.
         batch_size: draws per forward/backward pass.
@@ -53,6 +56,7 @@ class FactorConfig:
     strategy: str = "ekfac"
     approx: str = "expand"
     ggn: str = "model"
+    output_curvature: str = "mc"
     draws_per_example: int = 1
     batch_size: int = 64
     seed: int = 0
@@ -65,6 +69,7 @@ class FactorConfig:
             "strategy": ("ekfac", "kfac"),
             "approx": ("expand", "reduce"),
             "ggn": ("model", "loss"),
+            "output_curvature": ("mc", "exact"),
             "dtype": ("float32", "float64"),
         }
         for name, allowed in choices.items():

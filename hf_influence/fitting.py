@@ -9,7 +9,7 @@ on the batch size or on the order of the data.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict
 from typing import Any
 
@@ -115,22 +115,31 @@ def _run_pass(
                     stream,
                     augment=True,
                 )
-                capture.backward(_backpropagated_value(task, output, draws.probe, config.ggn))
+                for value, last in _backpropagated_values(task, output, draws.probe, config):
+                    capture.backward(value, retain_graph=not last)
                 num_draws += len(draws)
     return num_draws
 
 
-def _backpropagated_value(task: DiffusionTask, output: DenoiserOutput, probe: torch.Tensor, ggn: str) -> torch.Tensor:
-    """The scalar whose gradient gives each draw's output-gradient vector `s`.
+def _backpropagated_values(
+    task: DiffusionTask, output: DenoiserOutput, probe: torch.Tensor, config: FactorConfig
+) -> Iterator[tuple[torch.Tensor, bool]]:
+    """The scalars whose gradients give each draw's output-gradient vectors `s` (and whether each is the last).
 
-    GGN^model: `s = sqrt(2/D) ξ`, so E[s sᵀ] = 2/D I, the loss's curvature in the denoiser output.
+    GGN^model: `s = sqrt(2/D) ξ`, so E[s sᵀ] = 2/D I, the loss's curvature in the denoiser output;
+    with output_curvature="exact", `s = sqrt(2/D) e_k` for every output element k instead.
     GGN^loss: `s = ∂ℓ/∂f`, the per-draw loss gradient with the true target.
     """
-    if ggn == "model":
-        probe = probe.to(output.prediction.device, output.prediction.dtype)
-        scale = math.sqrt(2.0 / task.sample_numel)
-        return (output.prediction * probe).sum() * scale
-    loss = output.loss_per_draw()
-    if not torch.isfinite(loss).all():
-        raise FloatingPointError("The training loss is NaN or infinite: check the model weights and the data.")
-    return loss.sum()
+    prediction = output.prediction
+    scale = math.sqrt(2.0 / task.sample_numel)
+    if config.ggn == "loss":
+        loss = output.loss_per_draw()
+        if not torch.isfinite(loss).all():
+            raise FloatingPointError("The training loss is NaN or infinite: check the model weights and the data.")
+        yield loss.sum(), True
+    elif config.output_curvature == "mc":
+        yield (prediction * probe.to(prediction.device, prediction.dtype)).sum() * scale, True
+    else:
+        flat = prediction.flatten(1)
+        for k in range(flat.shape[1]):
+            yield flat[:, k].sum() * scale, k == flat.shape[1] - 1

@@ -299,17 +299,26 @@ class DiffusionTask:
             return alpha_bar
         return alpha_bar / (1 - alpha_bar)
 
-    def predict(self, samples: torch.Tensor, draws: Draws, repeats: int) -> DenoiserOutput:
-        """Noise `samples` (each repeated `repeats` times, example-major) with `draws` and run the denoiser."""
-        device, dtype = self.device, self.dtype
-        clean = samples.to(device, torch.float32).repeat_interleave(repeats, dim=0)
+    def noisy_inputs(self, samples: torch.Tensor, draws: Draws, repeats: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(clean, noisy): `samples` repeated `repeats` times (example-major), flipped and noised per `draws`.
+
+        Computed in fp32 (fp64 for an fp64 model), as diffusers computes the loss of half models.
+        """
+        loss_dtype = torch.float64 if self.dtype == torch.float64 else torch.float32
+        device = self.device
+        clean = samples.to(device, loss_dtype).repeat_interleave(repeats, dim=0)
         flip = draws.flip.to(device).view(-1, 1, 1, 1)
         clean = torch.where(flip, clean.flip(-1), clean)
-        noise = draws.noise.to(device)
-        timesteps = draws.timesteps.to(device)
-        alpha_bar = self._per_row(self.alphas_cumprod, timesteps, clean)
-        noisy = alpha_bar.sqrt() * clean + (1 - alpha_bar).sqrt() * noise
-        prediction = self.denoiser(noisy.to(dtype), timesteps).sample.to(torch.float32)
+        alpha_bar = self._per_row(self.alphas_cumprod, draws.timesteps.to(device), clean)
+        noisy = alpha_bar.sqrt() * clean + (1 - alpha_bar).sqrt() * draws.noise.to(device, loss_dtype)
+        return clean, noisy
+
+    def predict(self, samples: torch.Tensor, draws: Draws, repeats: int) -> DenoiserOutput:
+        """The denoiser's prediction and training target on `samples` noised per `draws`."""
+        clean, noisy = self.noisy_inputs(samples, draws, repeats)
+        timesteps = draws.timesteps.to(self.device)
+        prediction = self.denoiser(noisy.to(self.dtype), timesteps).sample.to(clean.dtype)
+        noise = draws.noise.to(self.device, clean.dtype)
         return DenoiserOutput(prediction, self.target(clean, noise, timesteps), timesteps)
 
     @staticmethod

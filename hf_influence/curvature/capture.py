@@ -72,16 +72,22 @@ class LayerCapture:
 
         return hook
 
-    def backward(self, value: torch.Tensor) -> None:
-        """Backpropagate the scalar `value` to the recorded layer outputs and hand over the gradients."""
-        calls, self._calls = self._calls, []
+    def backward(self, value: torch.Tensor, retain_graph: bool = False) -> None:
+        """Backpropagate the scalar `value` to the recorded layer outputs and hand over the gradients.
+
+        With `retain_graph`, the forward pass can be backpropagated again (another `value`)."""
+        calls = self._calls
+        if not retain_graph:
+            self._calls = []
         for call in calls:
             if call.output._version != call.version:
                 raise RuntimeError(
                     f"The output of layer {call.name!r} was modified in place after the layer ran; "
                     "its gradient cannot be captured. Exclude the layer with module_filter."
                 )
-        grads = torch.autograd.grad(value, [call.output for call in calls], allow_unused=True)
+        grads = torch.autograd.grad(
+            value, [call.output for call in calls], allow_unused=True, retain_graph=retain_graph
+        )
         for call, grad in zip(calls, grads, strict=True):
             if grad is not None:
                 self.on_backward(call.name, call.module, call.kind, call.inputs, grad)

