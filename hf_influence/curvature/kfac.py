@@ -35,8 +35,12 @@ class CovarianceAccumulator:
 
     def on_forward(self, name: str, module: nn.Module, kind: type[LayerKind], inputs: torch.Tensor) -> None:
         a = kind.activations(module, inputs).to(self.dtype)
-        rows = a.reshape(-1, a.shape[-1]) / a.shape[1] ** 0.5 if self.approx == "expand" else a.mean(dim=1)
-        _add(self.activation, name, rows.T @ rows)
+        if self.approx == "expand":
+            rows = a.reshape(-1, a.shape[-1])
+            _add(self.activation, name, (rows.T @ rows).div_(a.shape[1]))
+        else:
+            rows = a.mean(dim=1)
+            _add(self.activation, name, rows.T @ rows)
 
     def on_backward(
         self, name: str, module: nn.Module, kind: type[LayerKind], inputs: torch.Tensor, grad: torch.Tensor
@@ -66,19 +70,28 @@ class EigenvalueCorrectionAccumulator:
     ) -> None:
         q_a = self.activation_eigenvectors[name].to(grad.device, self.dtype)
         q_g = self.gradient_eigenvectors[name].to(grad.device, self.dtype)
-        a = kind.activations(module, inputs).to(self.dtype) @ q_a  # (S, R, d_in) rotated
-        g = kind.output_gradients(module, grad).to(self.dtype) @ q_g  # (S, R, d_out) rotated
-        if a.shape[1] == 1:  # one position: the squared outer product factorises
-            squares = g[:, 0].pow(2).T @ a[:, 0].pow(2)
+        a = kind.activations(module, inputs).to(self.dtype)  # (S, R, d_in)
+        g = kind.output_gradients(module, grad).to(self.dtype)  # (S, R, d_out)
+        positions, d_in, d_out = a.shape[1], a.shape[-1], g.shape[-1]
+        bias_gradients = g.sum(dim=1)  # (S, d_out), before any rotation
+        if positions == 1:  # the rotated per-draw gradient is an outer product: its square factorises
+            squares = (g[:, 0] @ q_g).pow(2).T @ (a[:, 0] @ q_a).pow(2)
         else:
-            chunk = max(1, _CHUNK_ELEMENTS // (g.shape[-1] * a.shape[-1]))
-            squares = sum(
-                torch.einsum("sro,sri->soi", g[i : i + chunk], a[i : i + chunk]).pow(2).sum(dim=0)
-                for i in range(0, len(a), chunk)
-            )
+            # Either rotate a and g and then sum over positions, or form ∇W_s first and rotate it:
+            # whichever costs fewer multiplications for this layer's shapes.
+            rotate_first = positions * (d_in * d_in + d_out * d_out) < d_out * d_in * (d_in + d_out)
+            if rotate_first:
+                a, g = a @ q_a, g @ q_g
+            chunk = max(1, _CHUNK_ELEMENTS // (d_out * d_in))
+            squares = 0
+            for start in range(0, len(a), chunk):
+                per_draw = g[start : start + chunk].transpose(1, 2) @ a[start : start + chunk]  # (s, d_out, d_in)
+                if not rotate_first:
+                    per_draw = q_g.T @ per_draw @ q_a
+                squares = squares + per_draw.pow(2).sum(dim=0)
         _add(self.weight, name, squares)
         if module.bias is not None:
-            _add(self.bias, name, g.sum(dim=1).pow(2).sum(dim=0))
+            _add(self.bias, name, (bias_gradients @ q_g).pow(2).sum(dim=0))
 
 
 def eigendecompose(covariance: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

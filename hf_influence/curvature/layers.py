@@ -65,18 +65,21 @@ class Conv2dKind(LayerKind):
                 f"Grouped convolutions (groups={module.groups}) are not supported; "
                 "exclude this layer with FactorConfig(module_filter=...)."
             )
-        padding = module.padding
-        if module.padding_mode != "zeros":
-            inputs = F.pad(inputs, module._reversed_padding_repeated_twice, mode=module.padding_mode)
-            padding = 0
-        if isinstance(padding, str):  # "same" / "valid"
-            if padding == "same":
-                total = [d * (k - 1) for d, k in zip(module.dilation, module.kernel_size, strict=True)]
-                pads = [total[1] // 2, total[1] - total[1] // 2, total[0] // 2, total[0] - total[0] // 2]
-                inputs = F.pad(inputs, pads)
-            padding = 0
-        patches = F.unfold(inputs, module.kernel_size, dilation=module.dilation, padding=padding, stride=module.stride)
-        return patches.transpose(1, 2)
+        (k1, k2), (d1, d2), (s1, s2) = module.kernel_size, module.dilation, module.stride
+        if module.padding == "valid":
+            pads = [0, 0, 0, 0]
+        elif module.padding == "same":
+            total1, total2 = d1 * (k1 - 1), d2 * (k2 - 1)
+            pads = [total2 // 2, total2 - total2 // 2, total1 // 2, total1 - total1 // 2]
+        else:
+            p1, p2 = module.padding
+            pads = [p2, p2, p1, p1]
+        mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
+        padded = F.pad(inputs, pads, mode=mode) if any(pads) else inputs
+        # Strided views instead of F.unfold: one copy into the (position, patch) layout, several times faster.
+        patches = padded.unfold(2, d1 * (k1 - 1) + 1, s1).unfold(3, d2 * (k2 - 1) + 1, s2)[..., ::d1, ::d2]
+        batch, channels, out1, out2 = patches.shape[:4]
+        return patches.permute(0, 2, 3, 1, 4, 5).reshape(batch, out1 * out2, channels * k1 * k2)
 
     @staticmethod
     def output_gradients(module: nn.Module, grad_output: torch.Tensor) -> torch.Tensor:

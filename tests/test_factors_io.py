@@ -1,0 +1,130 @@
+"""Fitting end to end on real digits: format, round trip, reproducibility and refusals."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import tiny_unet
+from diffusers import DDPMScheduler
+from safetensors.torch import load_file
+
+import hf_influence as hfi
+
+
+def assert_same_covariances(left: hfi.InfluenceFactors, right: hfi.InfluenceFactors) -> None:
+    """Covariances must agree; eigenvectors are compared through them (they are unique only up to
+    sign and rotations within repeated eigenvalues)."""
+    assert left.modules == right.modules
+    for name, value in right.tensors.items():
+        if name.endswith("covariance"):
+            torch.testing.assert_close(left.tensors[name], value, rtol=1e-4, atol=1e-7)
+
+
+@pytest.fixture(scope="module")
+def fitted(request):
+    from conftest import mnist_dataset
+
+    task = hfi.DiffusionTask(tiny_unet(), DDPMScheduler())
+    dataset = mnist_dataset(12, 8)
+    factors = hfi.fit_factors(task, dataset, hfi.FactorConfig(draws_per_example=2, batch_size=8))
+    return task, dataset, factors
+
+
+def test_saved_format_follows_the_contract(fitted, tmp_path):
+    task, _, factors = fitted
+    factors.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["format"] == "hf_influence.factors" and config["format_version"] == 1
+    assert (config["strategy"], config["approx"], config["ggn"]) == ("ekfac", "expand", "model")
+    assert config["num_draws"] == 12 * 2
+    assert config["model"]["fingerprint"] == task.fingerprint()
+    layers = [name for name, m in task.denoiser.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
+    assert config["modules"] == layers
+    tensors = load_file(tmp_path / "factors.safetensors")
+    conv = task.denoiser.conv_in
+    assert tensors["conv_in.activation_covariance"].shape == (9, 9)
+    assert tensors["conv_in.gradient_covariance"].shape == (conv.out_channels, conv.out_channels)
+    assert tensors["conv_in.eigenvalues"].shape == (conv.out_channels, 9)
+    assert tensors["conv_in.bias_eigenvalues"].shape == (conv.out_channels,)
+    assert "library_name: hf_influence" in (tmp_path / "README.md").read_text()
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_round_trip_gives_equal_tensors_and_scores(fitted, tmp_path):
+    task, dataset, factors = fitted
+    factors.save_pretrained(tmp_path)
+    loaded = hfi.InfluenceFactors.from_pretrained(tmp_path, task=task)
+    assert loaded.config == factors.config
+    for name, value in factors.tensors.items():
+        torch.testing.assert_close(loaded.tensors[name], value, rtol=0, atol=0)
+    queries = task.preprocess([dataset[0]["image"]])
+    kwargs = dict(num_query_draws=2, num_train_draws=2, batch_size=8)
+    torch.testing.assert_close(
+        hfi.pairwise_scores(task, loaded, queries, dataset, **kwargs),
+        hfi.pairwise_scores(task, factors, queries, dataset, **kwargs),
+    )
+
+
+def test_factors_and_scores_do_not_depend_on_batch_size(fitted):
+    task, dataset, factors = fitted
+    other = hfi.fit_factors(task, dataset, hfi.FactorConfig(draws_per_example=2, batch_size=3))
+    assert_same_covariances(other, factors)
+    queries = task.preprocess([dataset[i]["image"] for i in range(2)])
+    small = hfi.pairwise_scores(task, factors, queries, dataset, num_query_draws=3, num_train_draws=3, batch_size=2)
+    large = hfi.pairwise_scores(task, factors, queries, dataset, num_query_draws=3, num_train_draws=3, batch_size=64)
+    assert small.shape == (2, 12)
+    torch.testing.assert_close(small, large, rtol=1e-4, atol=1e-4)
+
+
+def test_streaming_dataset_gives_the_same_factors(fitted):
+    task, dataset, factors = fitted
+    streamed = hfi.fit_factors(
+        task, dataset.to_iterable_dataset(num_shards=3), hfi.FactorConfig(draws_per_example=2, batch_size=8)
+    )
+    assert_same_covariances(streamed, factors)
+
+
+def test_factors_of_another_model_are_refused(fitted, tmp_path):
+    _, dataset, factors = fitted
+    factors.save_pretrained(tmp_path)
+    retrained = hfi.DiffusionTask(tiny_unet(seed=1), DDPMScheduler())
+    with pytest.raises(ValueError, match="fingerprint"):
+        hfi.InfluenceFactors.from_pretrained(tmp_path, task=retrained)
+    with pytest.raises(ValueError, match="fingerprint"):
+        hfi.pairwise_scores(retrained, factors, torch.zeros(1, 1, 8, 8), dataset, num_query_draws=1, num_train_draws=1)
+    assert hfi.InfluenceFactors.from_pretrained(tmp_path, task=retrained, force=True).modules == factors.modules
+    wider = hfi.DiffusionTask(tiny_unet(sample_size=8, channels=3), DDPMScheduler())
+    with pytest.raises(ValueError, match="conv_in"):
+        hfi.InfluenceFactors.from_pretrained(tmp_path, task=wider, force=True)
+
+
+def test_corrupt_or_truncated_files_are_refused(fitted, tmp_path):
+    _, _, factors = fitted
+    factors.save_pretrained(tmp_path)
+    weights = tmp_path / "factors.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(ValueError, match="corrupt"):
+        hfi.InfluenceFactors.from_pretrained(tmp_path)
+    factors.save_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(ValueError, match="corrupt"):
+        hfi.InfluenceFactors.from_pretrained(tmp_path)
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        hfi.InfluenceFactors.from_pretrained(tmp_path / "missing")
+
+
+def test_failed_save_keeps_the_previous_files(fitted, tmp_path, monkeypatch):
+    _, _, factors = fitted
+    factors.save_pretrained(tmp_path)
+    before = (tmp_path / "factors.safetensors").read_bytes()
+
+    def broken_save(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr("hf_influence.factors.save_file", broken_save)
+    with pytest.raises(OSError, match="disk full"):
+        factors.save_pretrained(tmp_path)
+    assert (tmp_path / "factors.safetensors").read_bytes() == before
+    assert not list(tmp_path.glob("*.tmp"))
