@@ -2,9 +2,10 @@
 
 __version__ = "0.1.0"
 
-from .attribution import pairwise_scores
+from .attribution import AttributionResult, Attributor, pairwise_scores
 from .factors import FactorConfig, InfluenceFactors
 from .fitting import fit_factors
+from .index import GradientIndex, IndexConfig, build_index
 from .measurements import (
     Loss,
     LossAtTime,
@@ -17,8 +18,12 @@ from .measurements import (
 from .task import DiffusionTask
 
 __all__ = [
+    "AttributionResult",
+    "Attributor",
     "DiffusionTask",
     "FactorConfig",
+    "GradientIndex",
+    "IndexConfig",
     "InfluenceFactors",
     "Loss",
     "LossAtTime",
@@ -27,6 +32,7 @@ __all__ = [
     "SquareNorm",
     "WeightedLoss",
     "__version__",
+    "build_index",
     "fit_factors",
     "get_measurement",
     "pairwise_scores",

@@ -7,18 +7,21 @@ streamed, so no training gradient is ever stored.
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .curvature.inverse import precondition
+from .curvature.inverse import precondition, precondition_in_eigenbasis, to_eigenbasis
 from .data import dataset_length, iter_example_batches
 from .factors import InfluenceFactors
 from .gradients import LayerGradients, per_example_gradients
+from .index import GradientIndex
 from .measurements import Loss, Measurement, get_measurement
 from .task import DiffusionTask
 
@@ -127,3 +130,137 @@ def pairwise_scores(
     finally:
         task.denoiser.train(was_training)
     return torch.cat(columns, dim=1).to(torch.float32).cpu()
+
+
+@dataclass
+class AttributionResult:
+    """Scores of queries against an index, with each query's top proponents and opponents.
+
+    Proponents have the largest scores (removing them is predicted to increase the measurement the
+    most: for the loss, the examples that made the sample likely); opponents the smallest.
+    """
+
+    scores: torch.Tensor  # (Q, N), columns in the order of `ids`
+    ids: torch.Tensor  # (N,) the training examples' dataset ids
+    proponents: torch.Tensor  # (Q, k) column positions, by descending score
+    opponents: torch.Tensor  # (Q, k) column positions, by ascending score
+
+    @property
+    def proponent_ids(self) -> torch.Tensor:
+        return self.ids[self.proponents]
+
+    @property
+    def opponent_ids(self) -> torch.Tensor:
+        return self.ids[self.opponents]
+
+    @property
+    def proponent_scores(self) -> torch.Tensor:
+        return self.scores.gather(1, self.proponents)
+
+    @property
+    def opponent_scores(self) -> torch.Tensor:
+        return self.scores.gather(1, self.opponents)
+
+    def rows(self, dataset: Any, query: int = 0, which: str = "proponents", id_column: str = "id") -> list[dict]:
+        """The dataset rows (image, label, ...) of one query's proponents or opponents, in rank order."""
+        if which not in ("proponents", "opponents"):
+            raise ValueError(f"which must be 'proponents' or 'opponents', got {which!r}.")
+        wanted = (self.proponent_ids if which == "proponents" else self.opponent_ids)[query].tolist()
+        return rows_by_id(dataset, wanted, id_column)
+
+
+def rows_by_id(dataset: Any, ids: list[int], id_column: str = "id") -> list[dict]:
+    """Fetch rows by their id (a direct lookup for map-style datasets, one pass for streams)."""
+    wanted = set(ids)
+    if hasattr(dataset, "select") and hasattr(dataset, "column_names"):
+        column = dataset[id_column] if id_column in dataset.column_names else list(range(len(dataset)))
+        positions = {example_id: position for position, example_id in enumerate(column) if example_id in wanted}
+        found = {example_id: dataset[position] for example_id, position in positions.items()}
+    else:
+        found = {}
+        for position, row in enumerate(dataset):
+            example_id = row.get(id_column, position)
+            if example_id in wanted:
+                found[example_id] = row
+            if len(found) == len(wanted):
+                break
+    missing = [example_id for example_id in ids if example_id not in found]
+    if missing:
+        raise KeyError(f"Ids {missing[:5]} are not in the dataset's {id_column!r} column: is it the indexed dataset?")
+    return [found[example_id] for example_id in ids]
+
+
+class Attributor:
+    """Answers "which training examples made this image?" from fitted factors and a gradient index.
+
+    Query gradients are cached in the Kronecker eigenbasis, so a new damping costs one division.
+    """
+
+    def __init__(
+        self,
+        task: DiffusionTask,
+        factors: InfluenceFactors,
+        index: GradientIndex,
+        damping: float = DEFAULT_DAMPING,
+        force: bool = False,
+    ) -> None:
+        factors.check_compatible(task, force=force)
+        index.check_compatible(task, force=force)
+        if index.modules != factors.modules:
+            raise ValueError(
+                "The index and the factors cover different layers (module_filter differs): "
+                f"{len(index.modules)} indexed vs {len(factors.modules)} fitted."
+            )
+        self.task = task
+        self.factors = factors.to(task.device)
+        self.index = index
+        self.damping = damping
+        self.layers = factor_layers(task, factors)
+        self._cache: tuple[tuple, dict] | None = None
+
+    def attribute(
+        self,
+        images: Any,
+        measurement: str | Measurement = "loss",
+        top_k: int = 10,
+        damping: float | None = None,
+        num_draws: int | None = None,
+        seed: int = 0,
+        batch_size: int = 64,
+    ) -> AttributionResult:
+        """Score `images` against every indexed example; `num_draws` defaults to the index's K."""
+        damping = self.damping if damping is None else damping
+        samples = self.task.preprocess(images)
+        num_draws = num_draws or self.index.config["num_draws"]
+        rotated = self._rotated_query_gradients(samples, get_measurement(measurement), num_draws, seed, batch_size)
+        queries = {}
+        for name, (weight, bias) in rotated.items():
+            weight, bias = precondition_in_eigenbasis(self.factors.layer(name), weight, bias, damping)
+            queries[name] = self.index.compressor.query(name, weight.cpu(), None if bias is None else bias.cpu())
+        columns, ids = [], []
+        for shard_ids, stored in self.index.iter_shards():
+            columns.append(sum(self.index.compressor.scores(name, queries[name], stored[name]) for name in queries))
+            ids.append(shard_ids)
+        scores = torch.cat(columns, dim=1).to(torch.float32)
+        k = min(top_k, scores.shape[1])
+        return AttributionResult(
+            scores=scores,
+            ids=torch.cat(ids),
+            proponents=scores.topk(k, dim=1).indices,
+            opponents=scores.topk(k, dim=1, largest=False).indices,
+        )
+
+    def _rotated_query_gradients(
+        self, samples: torch.Tensor, measurement: Measurement, num_draws: int, seed: int, batch_size: int
+    ) -> dict:
+        key = (hashlib.blake2b(samples.numpy().tobytes()).hexdigest(), repr(measurement), num_draws, seed)
+        if self._cache is None or self._cache[0] != key:
+            was_training = self.task.denoiser.training
+            self.task.denoiser.eval()
+            try:
+                grads = query_gradients(self.task, self.layers, samples, measurement, num_draws, seed, batch_size)
+            finally:
+                self.task.denoiser.train(was_training)
+            rotated = {name: to_eigenbasis(self.factors.layer(name), *grad) for name, grad in grads.items()}
+            self._cache = (key, rotated)
+        return self._cache[1]

@@ -36,8 +36,11 @@ def iter_example_batches(
     task: DiffusionTask,
     batch_size: int,
     id_column: str = "id",
+    start: int = 0,
 ) -> Iterator[ExampleBatch]:
     """Preprocessed batches of `batch_size` examples (the last may be smaller).
+
+    `start` is the position of the first row (for a stream resumed part-way), used for position ids.
 
     Raises a clear error for a dataset without the task's image column, or an empty one.
     """
@@ -59,7 +62,7 @@ def iter_example_batches(
             stacklevel=2,
         )
     rows = itertools.chain([first], rows)
-    for position in itertools.count(0, batch_size):
+    for position in itertools.count(start, batch_size):
         chunk = list(itertools.islice(rows, batch_size))
         if not chunk:
             return

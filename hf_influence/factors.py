@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +21,7 @@ from safetensors.torch import load_file, save_file
 
 from . import __version__
 from .curvature.inverse import Layer
+from .files import atomic_write
 
 if TYPE_CHECKING:
     from .task import DiffusionTask
@@ -145,10 +145,10 @@ class InfluenceFactors:
         directory = Path(save_directory)
         directory.mkdir(parents=True, exist_ok=True)
         tensors = {name: value.detach().to("cpu").contiguous() for name, value in self.tensors.items()}
-        _atomic_write(directory / WEIGHTS_NAME, lambda path: save_file(tensors, path, metadata={"format": "pt"}))
+        atomic_write(directory / WEIGHTS_NAME, lambda path: save_file(tensors, path, metadata={"format": "pt"}))
         config = json.dumps(self.config, indent=2, sort_keys=True)
-        _atomic_write(directory / CONFIG_NAME, lambda path: Path(path).write_text(config))
-        _atomic_write(directory / "README.md", lambda path: Path(path).write_text(self._model_card()))
+        atomic_write(directory / CONFIG_NAME, lambda path: Path(path).write_text(config))
+        atomic_write(directory / "README.md", lambda path: Path(path).write_text(self._model_card()))
 
     @classmethod
     def from_pretrained(
@@ -208,15 +208,3 @@ class InfluenceFactors:
             f"over {len(config['modules'])} layers. Model fingerprint: `{config['model']['fingerprint']}`.\n\n"
             "```python\nimport hf_influence as hfi\n\nfactors = hfi.InfluenceFactors.from_pretrained(PATH)\n```\n"
         )
-
-
-def _atomic_write(path: Path, write: Any) -> None:
-    """Write through `write(temp_path)` into the same folder, then rename: readers never see half a file."""
-    handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(handle)
-    try:
-        write(temp)
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise

@@ -23,11 +23,30 @@ Objective = Callable[[DiffusionTask, DenoiserOutput], torch.Tensor]
 LayerGradients = dict[str, tuple[torch.Tensor, torch.Tensor | None]]
 
 
-class _Collector:
-    """Accumulates per-example gradients of the examples in the current forward pass."""
+# Per layer: (P_out (d_out, k_out), P_in (d_in, k_in)) for Kronecker-structured projections.
+Projections = dict[str, tuple[torch.Tensor, torch.Tensor]]
 
-    def __init__(self, layers: dict[str, nn.Module], num_examples: int, dtype: torch.dtype, device: torch.device):
+
+class _Collector:
+    """Accumulates per-example gradients of the examples in the current forward pass.
+
+    With `projections`, a layer's gradient is projected as `P_outᵀ ∇W P_in` straight from the
+    hooked `a` and `g`, never forming the full `d_out × d_in` gradient.
+    """
+
+    def __init__(
+        self,
+        layers: dict[str, nn.Module],
+        num_examples: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        projections: Projections,
+    ):
+        self.projections = {
+            name: (out.to(device, dtype), inp.to(device, dtype)) for name, (out, inp) in projections.items()
+        }
         shapes = {name: layer_kind(module).weight_shape(module) for name, module in layers.items()}
+        shapes |= {name: (out.shape[1], inp.shape[1]) for name, (out, inp) in self.projections.items()}
         self.weights = {
             name: torch.zeros(num_examples, *shape, dtype=dtype, device=device) for name, shape in shapes.items()
         }
@@ -45,6 +64,9 @@ class _Collector:
         dtype = self.weights[name].dtype
         a = kind.activations(module, inputs).to(dtype)
         g = kind.output_gradients(module, grad).to(dtype)
+        if name in self.projections:
+            project_out, project_in = self.projections[name]
+            a, g = a @ project_in, g @ project_out
         a = a.reshape(count, -1, a.shape[-1])  # (examples, draws × positions, d_in)
         g = g.reshape(count, -1, g.shape[-1])
         self.weights[name][self.examples] += g.transpose(1, 2) @ a
@@ -65,12 +87,14 @@ def per_example_gradients(
     augment: bool = False,
     timestep: int | None = None,
     dtype: torch.dtype = torch.float32,
+    projections: Projections | None = None,
 ) -> LayerGradients:
-    """Gradients of `1/K Σ_k objective(draw_k)` for each example, for every layer in `layers`.
+    """Gradients of `1/K Σ_k objective(draw_k)` for each example, for every layer in `layers`
+    (projected as `P_outᵀ ∇W P_in`, bias as `P_outᵀ ∇b`, for the layers in `projections`).
 
     Draws are seeded by (seed, stream, example id), so the result does not depend on batch_size.
     """
-    collector = _Collector(layers, len(ids), dtype, task.device)
+    collector = _Collector(layers, len(ids), dtype, task.device, projections or {})
     with torch.enable_grad(), LayerCapture(layers, on_backward=collector.on_backward) as capture:
         for examples, draw_rows in draw_chunks(len(ids), num_draws, batch_size):
             collector.examples = examples

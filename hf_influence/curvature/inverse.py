@@ -44,9 +44,17 @@ def precondition(
     layer: Layer, weight: torch.Tensor, bias: torch.Tensor | None, damping: float
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """`(F̂ + λI)⁻¹` applied to batched weight (and bias) gradients of one layer."""
+    return precondition_in_eigenbasis(layer, *to_eigenbasis(layer, weight, bias), damping)
+
+
+def precondition_in_eigenbasis(
+    layer: Layer, weight: torch.Tensor, bias: torch.Tensor | None, damping: float
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`(F̂ + λI)⁻¹` for gradients already rotated into the eigenbasis, returned in the parameter basis.
+
+    Keeping query gradients in the eigenbasis makes a change of damping cost one division."""
     if damping < 0:
         raise ValueError(f"damping must be non-negative, got {damping}.")
-    weight, bias = to_eigenbasis(layer, weight, bias)
     weight_eigenvalues, bias_eigenvalues = eigenvalues(layer)
     weight = weight / (weight_eigenvalues + damping)
     if bias is not None:

@@ -1,0 +1,169 @@
+"""Gradient compressors for the index: none, per-layer low-rank SVD, Kronecker random projection,
+each optionally followed by 8-bit quantisation.
+
+A compressor turns a layer's per-example gradients into the tensors an index shard stores, turns a
+(preconditioned) query gradient into the matching query-side form, and scores one against the
+other. Inner products are what is preserved: ⟨query, train⟩ ≈ ⟨compressed query, compressed train⟩.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import torch
+
+from .gradients import Projections
+
+COMPRESSIONS = ("none", "svd", "projection")
+# Reconstructed SVD gradients are scored in chunks of at most this many elements.
+_CHUNK_ELEMENTS = 1 << 24
+
+Stored = dict[str, torch.Tensor]  # a layer's tensors in a shard, by key ("weight", "bias", ...)
+
+
+def kronecker_projections(shapes: dict[str, tuple[int, int]], dim: int, seed: int) -> Projections:
+    """Gaussian `P_out` (d_out × k_out) and `P_in` (d_in × k_in) per layer, entries N(0, 1/k), so that
+    E[P Pᵀ] = I and inner products are preserved in expectation. A side no larger than `dim` keeps
+    the identity (no error). Seeded by (seed, layer name): the same matrices on every machine."""
+    projections = {}
+    for name, (d_out, d_in) in shapes.items():
+        digest = hashlib.blake2b(f"{seed}/projection/{name}".encode(), digest_size=8).digest()
+        generator = torch.Generator().manual_seed(int.from_bytes(digest, "little") & ((1 << 63) - 1))
+        projections[name] = (_gaussian(d_out, dim, generator), _gaussian(d_in, dim, generator))
+    return projections
+
+
+def _gaussian(size: int, dim: int, generator: torch.Generator) -> torch.Tensor:
+    if size <= dim:
+        return torch.eye(size)
+    return torch.randn(size, dim, generator=generator) / dim**0.5
+
+
+class Compressor:
+    """No compression: the exact gradients (the projection compressor reuses this storage)."""
+
+    def encode(self, name: str, weight: torch.Tensor, bias: torch.Tensor | None) -> Stored:
+        stored = {"weight": weight.flatten(1)}
+        if bias is not None:
+            stored["bias"] = bias
+        return stored
+
+    def query(self, name: str, weight: torch.Tensor, bias: torch.Tensor | None) -> Stored:
+        """The query-side form of preconditioned query gradients `(Q, d_out, d_in)`, `(Q, d_out)`."""
+        return self.encode(name, weight, bias)
+
+    def scores(self, name: str, query: Stored, stored: Stored) -> torch.Tensor:
+        """`(Q, n)` inner products of query-side forms with stored examples."""
+        result = query["weight"] @ stored["weight"].to(query["weight"].dtype).T
+        if "bias" in query:
+            result += query["bias"] @ stored["bias"].to(query["bias"].dtype).T
+        return result
+
+
+class ProjectionCompressor(Compressor):
+    """`P_outᵀ ∇W P_in`: the training side is projected inside the hooks (see `gradients.py`); the
+    query side is projected here with the same matrices."""
+
+    def __init__(self, projections: Projections) -> None:
+        self.projections = projections
+
+    def query(self, name: str, weight: torch.Tensor, bias: torch.Tensor | None) -> Stored:
+        project_out, project_in = (p.to(weight.device, weight.dtype) for p in self.projections[name])
+        weight = project_out.T @ weight @ project_in
+        return self.encode(name, weight, None if bias is None else bias @ project_out)
+
+
+class SVDCompressor(Compressor):
+    """Rank-`r` truncated SVD of each example's weight gradient, `∇W ≈ (U_r S_r) V_rᵀ`; layers with
+    min(d_out, d_in) ≤ r and biases are stored exactly."""
+
+    def __init__(self, rank: int) -> None:
+        if rank < 1:
+            raise ValueError(f"The SVD rank must be at least 1, got {rank}.")
+        self.rank = rank
+
+    def encode(self, name: str, weight: torch.Tensor, bias: torch.Tensor | None) -> Stored:
+        if min(weight.shape[1:]) <= self.rank:
+            return super().encode(name, weight, bias)
+        u, s, vh = torch.linalg.svd(weight, full_matrices=False)
+        stored = {"weight.left": u[:, :, : self.rank] * s[:, None, : self.rank], "weight.right": vh[:, : self.rank]}
+        if bias is not None:
+            stored["bias"] = bias
+        return stored
+
+    def query(self, name: str, weight: torch.Tensor, bias: torch.Tensor | None) -> Stored:
+        return {"weight.full": weight} | ({} if bias is None else {"bias": bias})
+
+    def scores(self, name: str, query: Stored, stored: Stored) -> torch.Tensor:
+        weight = query["weight.full"]
+        if "weight" in stored:  # stored exactly
+            return super().scores(name, {"weight": weight.flatten(1)} | _bias(query), stored)
+        left, right = stored["weight.left"].to(weight.dtype), stored["weight.right"].to(weight.dtype)
+        chunk = max(1, _CHUNK_ELEMENTS // weight[0].numel())
+        parts = [
+            weight.flatten(1) @ (left[i : i + chunk] @ right[i : i + chunk]).flatten(1).T
+            for i in range(0, len(left), chunk)
+        ]
+        result = torch.cat(parts, dim=1)
+        if "bias" in query:
+            result += query["bias"] @ stored["bias"].to(weight.dtype).T
+        return result
+
+
+def _bias(stored: Stored) -> Stored:
+    return {"bias": stored["bias"]} if "bias" in stored else {}
+
+
+class Quantized(Compressor):
+    """8-bit affine quantisation of every stored tensor, per example: `x ≈ min + code · scale`."""
+
+    def __init__(self, inner: Compressor, bits: int = 8) -> None:
+        if bits != 8:
+            raise ValueError(f"Only 8-bit quantisation is supported, got {bits} bits.")
+        self.inner = inner
+
+    def encode(self, name: str, weight: torch.Tensor, bias: torch.Tensor | None) -> Stored:
+        stored = {}
+        for key, value in self.inner.encode(name, weight, bias).items():
+            flat = value.flatten(1).to(torch.float32)
+            low, high = flat.min(dim=1).values, flat.max(dim=1).values
+            scale = ((high - low) / 255).clamp_min(torch.finfo(torch.float32).tiny)
+            codes = ((flat - low[:, None]) / scale[:, None]).round_().clamp_(0, 255).to(torch.uint8)
+            stored |= {key: codes.view(value.shape), f"{key}.scale": scale, f"{key}.min": low}
+        return stored
+
+    def query(self, name: str, weight: torch.Tensor, bias: torch.Tensor | None) -> Stored:
+        return self.inner.query(name, weight, bias)
+
+    def scores(self, name: str, query: Stored, stored: Stored) -> torch.Tensor:
+        decoded = {}
+        for key, codes in stored.items():
+            if codes.dtype == torch.uint8:
+                shape = (-1,) + (1,) * (codes.dim() - 1)
+                scale, low = stored[f"{key}.scale"].view(shape), stored[f"{key}.min"].view(shape)
+                decoded[key] = codes.to(torch.float32) * scale + low
+        return self.inner.scores(name, query, decoded)
+
+
+def make_compressor(
+    compression: str,
+    shapes: dict[str, tuple[int, int]],
+    seed: int,
+    rank: int,
+    projection_dim: int,
+    quantize_bits: int | None,
+) -> tuple[Compressor, Projections | None]:
+    """The compressor named by an index config, and the projections the gradient hooks must apply."""
+    if compression not in COMPRESSIONS:
+        raise ValueError(f"Unknown compression {compression!r}; choose one of {COMPRESSIONS}.")
+    projections = None
+    if compression == "projection":
+        projections = kronecker_projections(shapes, projection_dim, seed)
+        compressor: Compressor = ProjectionCompressor(projections)
+    elif compression == "svd":
+        compressor = SVDCompressor(rank)
+    else:
+        compressor = Compressor()
+    if quantize_bits is not None:
+        compressor = Quantized(compressor, quantize_bits)
+    return compressor, projections

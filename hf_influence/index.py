@@ -1,0 +1,344 @@
+"""`GradientIndex`: every training example's (compressed) gradient, computed once, stored in shards.
+
+The paper's "continual deployment" setting: the index holds raw training-loss gradients (not
+preconditioned), so one index serves any damping and refitted factors; queries are preconditioned.
+Shards `index-0000k-of-0000n.safetensors` hold a contiguous block of examples and their `ids`; each
+is written atomically, and an interrupted build resumes after the last finished shard.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load, save_file
+from tqdm.auto import tqdm
+
+from . import __version__
+from .compression import COMPRESSIONS, Stored, make_compressor
+from .curvature.layers import find_layers, layer_kind
+from .data import dataset_length, iter_example_batches
+from .files import atomic_write
+from .gradients import per_example_gradients
+from .measurements import Loss
+
+if TYPE_CHECKING:
+    from .task import DiffusionTask
+
+FORMAT = "hf_influence.index"
+FORMAT_VERSION = 1
+CONFIG_NAME = "config.json"
+BUILD_STATE_NAME = "build_state.json"
+
+
+@dataclass
+class IndexConfig:
+    """How to build a gradient index.
+
+    Attributes:
+        num_draws: (t, ε) draws per training example (K); the paper uses 250.
+        batch_size: draws per forward/backward pass.
+        seed: seeds the draws (with each example's id) and the projections.
+        compression: "none" (exact), "svd" (rank `rank` per layer) or "projection" (Kronecker
+            Gaussian projection to `projection_dim` per side of each layer).
+        quantize_bits: 8 to quantise whatever is stored to 8 bits per value; None keeps fp32.
+        shard_size: examples per shard (the unit of resumption and of streaming at query time).
+        module_filter: regex on layer names; must select the layers the factors were fitted on.
+        id_column: the dataset column with stable integer ids (row positions when missing).
+    """
+
+    num_draws: int = 250
+    batch_size: int = 64
+    seed: int = 0
+    compression: str = "none"
+    rank: int = 8
+    projection_dim: int = 16
+    quantize_bits: int | None = None
+    shard_size: int = 1024
+    module_filter: str | None = None
+    id_column: str = "id"
+
+    def __post_init__(self) -> None:
+        if self.compression not in COMPRESSIONS:
+            raise ValueError(f"IndexConfig.compression must be one of {COMPRESSIONS}, got {self.compression!r}.")
+        if min(self.num_draws, self.batch_size, self.shard_size, self.rank, self.projection_dim) < 1:
+            raise ValueError("num_draws, batch_size, shard_size, rank and projection_dim must be at least 1.")
+
+
+class GradientIndex:
+    """A finished index in a local folder: config.json plus shards, read one shard at a time."""
+
+    def __init__(self, directory: str | os.PathLike, config: dict[str, Any]) -> None:
+        self.directory = Path(directory)
+        self.config = config
+        shapes = {name: tuple(shape) for name, shape in config["shapes"].items()}
+        self.compressor, _ = make_compressor(
+            config["compression"],
+            shapes,
+            config["seed"],
+            config["rank"],
+            config["projection_dim"],
+            config["quantize_bits"],
+        )
+
+    def __len__(self) -> int:
+        return self.config["num_examples"]
+
+    @property
+    def modules(self) -> list[str]:
+        return list(self.config["modules"])
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike) -> GradientIndex:
+        directory = Path(path)
+        config_path = directory / CONFIG_NAME
+        if not config_path.is_file():
+            raise FileNotFoundError(f"No {CONFIG_NAME} in {directory}: not a finished GradientIndex folder.")
+        try:
+            config = json.loads(config_path.read_text())
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{config_path} is not valid JSON ({error}); the file is corrupt.") from error
+        if config.get("format") != FORMAT:
+            raise ValueError(f"{config_path} describes {config.get('format')!r}, not {FORMAT!r}.")
+        if config.get("format_version", 0) > FORMAT_VERSION:
+            raise ValueError(f"This index uses format version {config['format_version']}; upgrade hf_influence.")
+        for shard in config["shards"]:
+            path = directory / shard["file"]
+            if not path.is_file():
+                raise FileNotFoundError(f"Index shard {path} is missing.")
+            if path.stat().st_size != shard["size"]:
+                raise ValueError(
+                    f"Index shard {path} has {path.stat().st_size} bytes, {shard['size']} expected: it is truncated "
+                    "or corrupt. Rebuild or re-download the index."
+                )
+        return cls(directory, config)
+
+    def save_pretrained(self, save_directory: str | os.PathLike) -> None:
+        """Copy the index to another folder (each file atomically)."""
+        target = Path(save_directory)
+        target.mkdir(parents=True, exist_ok=True)
+        if target.resolve() == self.directory.resolve():
+            return
+        for shard in self.config["shards"]:
+            source = self.directory / shard["file"]
+            atomic_write(target / shard["file"], lambda temp, source=source: shutil.copyfile(source, temp))
+        for name in (CONFIG_NAME, "README.md"):
+            if (self.directory / name).is_file():
+                text = (self.directory / name).read_text()
+                atomic_write(target / name, lambda temp, text=text: Path(temp).write_text(text))
+        self.directory = target
+
+    def check_compatible(self, task: DiffusionTask, force: bool = False) -> None:
+        expected = self.config["model"]["fingerprint"]
+        if expected != task.fingerprint() and not force:
+            raise ValueError(
+                f"This index was built on a model with fingerprint {expected}, but the task's denoiser has "
+                f"fingerprint {task.fingerprint()}: its weights differ. Rebuild the index for this model, or pass "
+                "force=True if you know the difference does not matter."
+            )
+
+    def iter_shards(self) -> Iterator[tuple[torch.Tensor, dict[str, Stored]]]:
+        """(ids, {module: stored tensors}) per shard; each shard's checksum is verified as it is read."""
+        for shard in self.config["shards"]:
+            path = self.directory / shard["file"]
+            data = path.read_bytes()
+            if hashlib.blake2b(data, digest_size=16).hexdigest() != shard["blake2b"]:
+                raise ValueError(
+                    f"Index shard {path} does not match its checksum: it is corrupt. Rebuild or re-download the index."
+                )
+            try:
+                tensors = load(data)
+            except SafetensorError as error:
+                raise ValueError(f"Index shard {path} cannot be read ({error}): it is corrupt.") from error
+            yield tensors.pop("ids"), _split_modules(tensors, self.modules)
+
+    def ids(self) -> torch.Tensor:
+        return torch.cat([ids for ids, _ in self.iter_shards()])
+
+    def check_dataset(self, dataset: Iterable[dict[str, Any]]) -> None:
+        """Refuse a dataset whose ids are not the index's (another dataset, split or order)."""
+        id_column = self.config["id_column"]
+        rows = dataset.select_columns([id_column]) if hasattr(dataset, "select_columns") else dataset
+        dataset_ids = [row.get(id_column, position) for position, row in enumerate(rows)]
+        index_ids = self.ids().tolist()
+        if dataset_ids != index_ids:
+            missing = sorted(set(index_ids) - set(dataset_ids))[:5]
+            raise ValueError(
+                f"The dataset's ids do not match the index's ({len(dataset_ids)} rows vs {len(index_ids)} indexed"
+                + (f"; e.g. ids {missing} are not in the dataset" if missing else "; same ids, different order")
+                + "). Use the dataset the index was built from."
+            )
+
+
+def _split_modules(tensors: dict[str, torch.Tensor], modules: list[str]) -> dict[str, Stored]:
+    """Shard tensor names are `{module}.{key}`; module names contain dots, so match known modules."""
+    by_module: dict[str, Stored] = {module: {} for module in modules}
+    for module in sorted(modules, key=len, reverse=True):
+        prefix = f"{module}."
+        for name in [name for name in tensors if name.startswith(prefix)]:
+            by_module[module][name[len(prefix) :]] = tensors.pop(name)
+    return by_module
+
+
+def build_index(
+    task: DiffusionTask,
+    dataset: Iterable[dict[str, Any]],
+    config: IndexConfig | None = None,
+    output_dir: str | os.PathLike | None = None,
+) -> GradientIndex:
+    """Compute every training example's loss gradient (K draws, the task's augmentation), compress
+    it and write shards to `output_dir` (a temporary folder when None). Re-running with the same
+    `output_dir` after an interruption resumes after the last finished shard."""
+    config = config or IndexConfig()
+    directory = Path(output_dir) if output_dir is not None else Path(tempfile.mkdtemp(prefix="hf_influence_index_"))
+    directory.mkdir(parents=True, exist_ok=True)
+    layers = find_layers(task.denoiser, config.module_filter)
+    shapes = {name: tuple(layer_kind(module).weight_shape(module)) for name, module in layers.items()}
+    compressor, projections = make_compressor(
+        config.compression, shapes, config.seed, config.rank, config.projection_dim, config.quantize_bits
+    )
+    metadata = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "library_version": __version__,
+        **asdict(config),
+        "modules": list(layers),
+        "shapes": {name: list(shape) for name, shape in shapes.items()},
+        "model": {"fingerprint": task.fingerprint(), "denoiser": type(task.denoiser).__name__},
+        "dataset": _dataset_info(dataset, config.id_column),
+    }
+    shards = _resume_state(directory, metadata)
+    done = sum(shard["num_examples"] for shard in shards)
+    remaining = dataset.skip(done) if done and hasattr(dataset, "skip") else itertools.islice(dataset, done, None)
+    length = dataset_length(dataset)
+
+    was_training = task.denoiser.training
+    task.denoiser.eval()
+    try:
+        progress = tqdm(total=length, initial=done, desc="Indexing training gradients", unit="example")
+        examples_per_pass = max(1, config.batch_size // config.num_draws)
+        batches = iter_example_batches(remaining, task, config.shard_size, config.id_column, start=done)
+        for batch in batches:
+            tensors: dict[str, list[torch.Tensor]] = {}
+            for start in range(0, len(batch.ids), examples_per_pass):
+                part = slice(start, start + examples_per_pass)
+                grads = per_example_gradients(
+                    task,
+                    layers,
+                    batch.samples[part],
+                    batch.ids[part],
+                    Loss(),
+                    config.num_draws,
+                    config.seed,
+                    "train",
+                    config.batch_size,
+                    augment=True,
+                    projections=projections,
+                )
+                for name, (weight, bias) in grads.items():
+                    for key, value in compressor.encode(
+                        name, weight.cpu(), None if bias is None else bias.cpu()
+                    ).items():
+                        tensors.setdefault(f"{name}.{key}", []).append(value)
+                progress.update(len(batch.ids[part]))
+            shards.append(_write_shard(directory, len(shards), batch.ids, tensors, metadata))
+        progress.close()
+    finally:
+        task.denoiser.train(was_training)
+    return _finish(directory, shards, metadata)
+
+
+def _dataset_info(dataset: Any, id_column: str) -> dict[str, Any]:
+    info = getattr(dataset, "info", None)
+    return {
+        "name": getattr(info, "dataset_name", None),
+        "config": getattr(info, "config_name", None),
+        "split": None if getattr(dataset, "split", None) is None else str(dataset.split),
+        "id_column": id_column,
+    }
+
+
+def _resume_state(directory: Path, metadata: dict[str, Any]) -> list[dict[str, Any]]:
+    """Shards already written by an interrupted build with the same settings (an empty list otherwise)."""
+    state_path = directory / BUILD_STATE_NAME
+    if (directory / CONFIG_NAME).is_file():
+        raise FileExistsError(f"{directory} already holds a finished index; choose another output_dir.")
+    if not state_path.is_file():
+        atomic_write(state_path, lambda temp: Path(temp).write_text(json.dumps({"metadata": metadata})))
+        return []
+    state = json.loads(state_path.read_text())
+    if state["metadata"] != metadata:
+        raise ValueError(
+            f"{directory} holds a partial index built with other settings, model or dataset; "
+            "resume with the same ones or choose another output_dir."
+        )
+    shards = []
+    for number in itertools.count():
+        path = directory / f"partial-{number:05d}.safetensors"
+        if not path.is_file():
+            break
+        shards.append(_shard_record(path))
+    return shards
+
+
+def _write_shard(
+    directory: Path, number: int, ids: list[Any], tensors: dict[str, list[torch.Tensor]], metadata: dict[str, Any]
+) -> dict[str, Any]:
+    if not all(isinstance(example_id, int) for example_id in ids):
+        raise TypeError(f"Index ids must be integers; column {metadata['id_column']!r} holds e.g. {ids[0]!r}.")
+    content = {name: torch.cat(parts).contiguous() for name, parts in tensors.items()}
+    content["ids"] = torch.tensor(ids, dtype=torch.int64)
+    path = directory / f"partial-{number:05d}.safetensors"
+    atomic_write(path, lambda temp: save_file(content, temp))
+    return _shard_record(path)
+
+
+def _shard_record(path: Path) -> dict[str, Any]:
+    data = path.read_bytes()
+    try:
+        num_examples = len(load(data)["ids"])
+    except SafetensorError as error:
+        raise ValueError(f"Partial shard {path} is corrupt ({error}); delete it to rebuild it.") from error
+    return {
+        "file": path.name,
+        "num_examples": num_examples,
+        "size": len(data),
+        "blake2b": hashlib.blake2b(data, digest_size=16).hexdigest(),
+    }
+
+
+def _finish(directory: Path, shards: list[dict[str, Any]], metadata: dict[str, Any]) -> GradientIndex:
+    """Rename partial shards to their final `-of-n` names and write config.json and the card last."""
+    if not shards:
+        raise ValueError("The dataset is empty: there are no training examples to index.")
+    for number, shard in enumerate(shards):
+        final = f"index-{number:05d}-of-{len(shards):05d}.safetensors"
+        os.replace(directory / shard["file"], directory / final)
+        shard["file"] = final
+    config = {**metadata, "num_examples": sum(shard["num_examples"] for shard in shards), "shards": shards}
+    atomic_write(directory / "README.md", lambda temp: Path(temp).write_text(_dataset_card(config)))
+    atomic_write(directory / CONFIG_NAME, lambda temp: Path(temp).write_text(json.dumps(config, indent=2)))
+    (directory / BUILD_STATE_NAME).unlink()
+    return GradientIndex(directory, config)
+
+
+def _dataset_card(config: dict[str, Any]) -> str:
+    compression = config["compression"] + (f" + {config['quantize_bits']}-bit" if config["quantize_bits"] else "")
+    return (
+        "---\nlibrary_name: hf_influence\ntags:\n- influence-functions\n- data-attribution\n- gradient-index\n---\n\n"
+        "# Training-gradient index\n\n"
+        f"Per-example training-loss gradients of a diffusion denoiser ({config['num_examples']} examples, "
+        f"{config['num_draws']} (t, ε) draws each, compression: {compression}), stored raw (not preconditioned), "
+        f"for attribution with hf_influence. Model fingerprint: `{config['model']['fingerprint']}`.\n\n"
+        "```python\nimport hf_influence as hfi\n\nindex = hfi.GradientIndex.from_pretrained(PATH)\n```\n"
+    )
