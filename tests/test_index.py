@@ -1,0 +1,210 @@
+"""Gradient index: exactness against pairwise scores, compressors, resumption, refusals."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import mnist_dataset, tiny_unet
+from diffusers import DDPMScheduler
+from scipy.stats import spearmanr
+
+import hf_influence as hfi
+
+DRAWS = 4
+
+
+@pytest.fixture(scope="module")
+def setup():
+    task = hfi.DiffusionTask(tiny_unet(), DDPMScheduler())
+    dataset = mnist_dataset(40, 8)
+    factors = hfi.fit_factors(task, dataset, hfi.FactorConfig(draws_per_example=4))
+    queries = task.preprocess([image for image in mnist_dataset(44, 8)[40:]["image"]])
+    exact = hfi.pairwise_scores(task, factors, queries, dataset, num_query_draws=DRAWS, num_train_draws=DRAWS)
+    return task, dataset, factors, queries, exact
+
+
+def _bytes_per_example(index: hfi.GradientIndex) -> float:
+    return sum(shard["size"] for shard in index.config["shards"]) / len(index)
+
+
+def test_uncompressed_index_equals_pairwise_scores(setup, tmp_path):
+    task, dataset, factors, queries, exact = setup
+    index = hfi.build_index(task, dataset, hfi.IndexConfig(num_draws=DRAWS, shard_size=16), output_dir=tmp_path)
+    assert [shard["file"] for shard in index.config["shards"]] == [
+        f"index-0000{k}-of-00003.safetensors" for k in range(3)
+    ]
+    result = hfi.Attributor(task, factors, hfi.GradientIndex.from_pretrained(tmp_path)).attribute(queries, top_k=5)
+    torch.testing.assert_close(result.scores, exact, rtol=1e-4, atol=1e-4 * exact.abs().max().item())
+    assert result.ids.tolist() == list(range(40))
+    # top-k merged across shards: proponents descending, opponents ascending, equal to a global sort
+    assert torch.equal(result.proponent_ids, exact.topk(5, dim=1).indices)
+    assert (result.proponent_scores.diff(dim=1) <= 0).all() and (result.opponent_scores.diff(dim=1) >= 0).all()
+    rows = result.rows(dataset, query=1, which="opponents")
+    assert [row["id"] for row in rows] == result.opponent_ids[1].tolist()
+
+
+def test_damping_change_reuses_the_query_gradients(setup, tmp_path, monkeypatch):
+    task, dataset, factors, queries, _ = setup
+    index = hfi.build_index(task, dataset, hfi.IndexConfig(num_draws=DRAWS, shard_size=64), output_dir=tmp_path)
+    attributor = hfi.Attributor(task, factors, index)
+    attributor.attribute(queries)
+    calls = []
+    original = hfi.attribution.query_gradients
+    monkeypatch.setattr(
+        "hf_influence.attribution.query_gradients", lambda *args, **kwargs: calls.append(1) or original(*args, **kwargs)
+    )
+    heavy = attributor.attribute(queries, damping=1e3)
+    assert calls == []
+    expected = hfi.pairwise_scores(
+        task, factors, queries, dataset, damping=1e3, num_query_draws=DRAWS, num_train_draws=DRAWS
+    )
+    torch.testing.assert_close(heavy.scores, expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())
+
+
+# Compressors, with the Spearman floor each must reach on this tiny UNet (45k parameters, 8x8 digits,
+# factors from 160 draws) at the default damping 1e-8. Measured: 0.999 (8-bit), 0.98 (rank-8 SVD, with
+# or without 8-bit), 0.38 (projection to 16 per side). The floors leave room for the noise of 40
+# examples and 4 queries. A random projection is weak at low damping: the preconditioned query
+# spreads over every eigen-direction, so the kept fraction of coordinates bounds the correlation.
+COMPRESSORS = [
+    ({"quantize_bits": 8}, 0.98),
+    ({"compression": "svd", "rank": 8}, 0.9),
+    ({"compression": "svd", "rank": 8, "quantize_bits": 8}, 0.9),
+    ({"compression": "projection", "projection_dim": 16}, 0.25),
+    ({"compression": "projection", "projection_dim": 16, "quantize_bits": 8}, 0.25),
+]
+
+
+@pytest.mark.parametrize(("options", "floor"), COMPRESSORS)
+def test_compressed_scores_rank_like_exact_ones(setup, tmp_path, options, floor):
+    task, dataset, factors, queries, exact = setup
+    index = hfi.build_index(task, dataset, hfi.IndexConfig(num_draws=DRAWS, **options), output_dir=tmp_path)
+    scores = hfi.Attributor(task, factors, index).attribute(queries).scores
+    correlation = sum(spearmanr(scores[q], exact[q])[0] for q in range(len(exact))) / len(exact)
+    exact_bytes = 4 * sum(p.numel() for name, p in task.denoiser.named_parameters() if "norm" not in name)
+    assert correlation >= floor, f"{options}: Spearman {correlation:.3f}"
+    assert _bytes_per_example(index) < exact_bytes
+
+
+def test_projection_improves_with_its_dimension(setup, tmp_path):
+    task, dataset, factors, queries, exact = setup
+    correlations = []
+    for dim in (4, 64):
+        config = hfi.IndexConfig(num_draws=DRAWS, compression="projection", projection_dim=dim)
+        index = hfi.build_index(task, dataset, config, output_dir=tmp_path / str(dim))
+        scores = hfi.Attributor(task, factors, index).attribute(queries).scores
+        correlations.append(sum(spearmanr(scores[q], exact[q])[0] for q in range(len(exact))) / len(exact))
+    assert correlations[1] > correlations[0] + 0.2, correlations
+
+
+RESUMABLE_BUILD = textwrap.dedent(
+    """
+    import sys, time
+    sys.path.insert(0, {tests!r})
+    from conftest import mnist_dataset, tiny_unet
+    from diffusers import DDPMScheduler
+    import hf_influence as hfi
+    from hf_influence import index as index_module
+
+    write = index_module._write_shard
+    def slow_write(*args, **kwargs):  # leave time to be killed between shards
+        record = write(*args, **kwargs)
+        time.sleep(0.5)
+        return record
+    index_module._write_shard = slow_write
+    task = hfi.DiffusionTask(tiny_unet(), DDPMScheduler())
+    hfi.build_index(task, mnist_dataset(40, 8), hfi.IndexConfig(num_draws=4, shard_size=8), output_dir={out!r})
+    """
+)
+
+
+def test_killed_build_resumes_to_the_identical_index(setup, tmp_path):
+    task, dataset, *_ = setup
+    interrupted = tmp_path / "interrupted"
+    script = RESUMABLE_BUILD.format(tests=str(Path(__file__).parent), out=str(interrupted))
+    process = subprocess.Popen([sys.executable, "-c", script], env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.time() + 120
+    while not (interrupted / "partial-00001.safetensors").exists():
+        assert process.poll() is None and time.time() < deadline, "the build ended before it could be killed"
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (interrupted / "config.json").exists()
+
+    config = hfi.IndexConfig(num_draws=4, shard_size=8)
+    resumed = hfi.build_index(task, dataset, config, output_dir=interrupted)
+    uninterrupted = hfi.build_index(task, dataset, config, output_dir=tmp_path / "uninterrupted")
+    assert len(resumed) == 40
+    for (ids_a, shard_a), (ids_b, shard_b) in zip(resumed.iter_shards(), uninterrupted.iter_shards(), strict=True):
+        assert torch.equal(ids_a, ids_b)
+        for module in shard_a:
+            for key in shard_a[module]:
+                torch.testing.assert_close(shard_a[module][key], shard_b[module][key])
+
+
+def test_resuming_with_other_settings_is_refused(setup, tmp_path):
+    task, dataset, *_ = setup
+    (tmp_path / "build_state.json").write_text('{"metadata": {"num_draws": 1}}')
+    with pytest.raises(ValueError, match="other settings"):
+        hfi.build_index(task, dataset, hfi.IndexConfig(num_draws=DRAWS), output_dir=tmp_path)
+
+
+def test_corrupt_and_truncated_shards_are_detected(setup, tmp_path):
+    task, dataset, factors, queries, _ = setup
+    hfi.build_index(task, dataset, hfi.IndexConfig(num_draws=DRAWS, shard_size=16), output_dir=tmp_path)
+    shard = tmp_path / "index-00001-of-00003.safetensors"
+    data = bytearray(shard.read_bytes())
+    data[-10] ^= 0xFF  # one flipped byte inside a tensor
+    shard.write_bytes(bytes(data))
+    index = hfi.GradientIndex.from_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=r"index-00001-of-00003.*checksum"):
+        hfi.Attributor(task, factors, index).attribute(queries)
+    shard.write_bytes(bytes(data[: len(data) // 2]))
+    with pytest.raises(ValueError, match="truncated"):
+        hfi.GradientIndex.from_pretrained(tmp_path)
+
+
+def test_index_of_another_model_or_dataset_is_refused(setup, tmp_path):
+    task, dataset, factors, queries, _ = setup
+    index = hfi.build_index(task, dataset, hfi.IndexConfig(num_draws=DRAWS), output_dir=tmp_path)
+    other = hfi.DiffusionTask(tiny_unet(seed=3), DDPMScheduler())
+    with pytest.raises(ValueError, match="fingerprint"):
+        hfi.Attributor(other, factors, index, force=False).attribute(queries)
+    index.check_dataset(dataset)
+    with pytest.raises(ValueError, match="ids do not match"):
+        index.check_dataset(dataset.select(range(1, 40)))
+    with pytest.raises(ValueError, match="different order"):
+        index.check_dataset(dataset.select(list(reversed(range(40)))))
+    result = hfi.Attributor(task, factors, index).attribute(queries, top_k=3)
+    with pytest.raises(KeyError, match="not in the dataset"):
+        result.rows(mnist_dataset(4, 8).map(lambda row: {"id": row["id"] + 1000}))
+    narrow = hfi.fit_factors(task, dataset, hfi.FactorConfig(module_filter="conv_in"))
+    with pytest.raises(ValueError, match="different layers"):
+        hfi.Attributor(task, narrow, index)
+
+
+def test_finished_index_folder_is_not_overwritten(setup, tmp_path):
+    task, dataset, *_ = setup
+    hfi.build_index(task, dataset, hfi.IndexConfig(num_draws=1), output_dir=tmp_path)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    with pytest.raises(FileExistsError, match="finished index"):
+        hfi.build_index(task, dataset, hfi.IndexConfig(num_draws=1), output_dir=tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_save_pretrained_copies_a_loadable_index(setup, tmp_path):
+    task, dataset, factors, queries, _ = setup
+    index = hfi.build_index(task, dataset, hfi.IndexConfig(num_draws=DRAWS), output_dir=tmp_path / "a")
+    index.save_pretrained(tmp_path / "b")
+    copy = hfi.GradientIndex.from_pretrained(tmp_path / "b")
+    assert "library_name: hf_influence" in (tmp_path / "b" / "README.md").read_text()
+    first = hfi.Attributor(task, factors, hfi.GradientIndex.from_pretrained(tmp_path / "a")).attribute(queries)
+    torch.testing.assert_close(hfi.Attributor(task, factors, copy).attribute(queries).scores, first.scores)
