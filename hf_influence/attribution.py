@@ -237,15 +237,11 @@ class Attributor:
         for name, (weight, bias) in rotated.items():
             weight, bias = precondition_in_eigenbasis(self.factors.layer(name), weight, bias, damping)
             queries[name] = self.index.compressor.query(name, weight.cpu(), None if bias is None else bias.cpu())
-        columns, ids = [], []
-        for shard_ids, stored in self.index.iter_shards():
-            columns.append(sum(self.index.compressor.scores(name, queries[name], stored[name]) for name in queries))
-            ids.append(shard_ids)
-        scores = torch.cat(columns, dim=1).to(torch.float32)
+        scores, ids = self.index.scores(queries)
         k = min(top_k, scores.shape[1])
         return AttributionResult(
             scores=scores,
-            ids=torch.cat(ids),
+            ids=ids,
             proponents=scores.topk(k, dim=1).indices,
             opponents=scores.topk(k, dim=1, largest=False).indices,
         )

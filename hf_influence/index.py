@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load, save_file
 from tqdm.auto import tqdm
 
@@ -81,6 +81,7 @@ class GradientIndex:
     def __init__(self, directory: str | os.PathLike, config: dict[str, Any]) -> None:
         self.directory = Path(directory)
         self.config = config
+        self._verified: set[Path] = set()
         shapes = {name: tuple(shape) for name, shape in config["shapes"].items()}
         self.compressor, _ = make_compressor(
             config["compression"],
@@ -136,7 +137,6 @@ class GradientIndex:
             if (self.directory / name).is_file():
                 text = (self.directory / name).read_text()
                 atomic_write(target / name, lambda temp, text=text: Path(temp).write_text(text))
-        self.directory = target
 
     def check_compatible(self, task: DiffusionTask, force: bool = False) -> None:
         expected = self.config["model"]["fingerprint"]
@@ -148,19 +148,39 @@ class GradientIndex:
             )
 
     def iter_shards(self) -> Iterator[tuple[torch.Tensor, dict[str, Stored]]]:
-        """(ids, {module: stored tensors}) per shard; each shard's checksum is verified as it is read."""
+        """(ids, {module: stored tensors}) per shard, one shard in memory at a time.
+
+        A shard's checksum is verified the first time this index reads it; later reads are
+        memory-mapped, so repeated queries cost no hashing.
+        """
         for shard in self.config["shards"]:
             path = self.directory / shard["file"]
-            data = path.read_bytes()
-            if hashlib.blake2b(data, digest_size=16).hexdigest() != shard["blake2b"]:
-                raise ValueError(
-                    f"Index shard {path} does not match its checksum: it is corrupt. Rebuild or re-download the index."
-                )
+            if path not in self._verified:
+                digest = hashlib.blake2b(digest_size=16)
+                with open(path, "rb") as handle:
+                    while block := handle.read(1 << 24):
+                        digest.update(block)
+                if digest.hexdigest() != shard["blake2b"]:
+                    raise ValueError(
+                        f"Index shard {path} does not match its checksum: it is corrupt. "
+                        "Rebuild or re-download the index."
+                    )
+                self._verified.add(path)
             try:
-                tensors = load(data)
+                with safe_open(path, framework="pt") as handle:
+                    tensors = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118
             except SafetensorError as error:
                 raise ValueError(f"Index shard {path} cannot be read ({error}): it is corrupt.") from error
             yield tensors.pop("ids"), _split_modules(tensors, self.modules)
+
+    def scores(self, queries: dict[str, Stored]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Inner products `(Q, N)` of query-side forms (see `compression.py`) with every indexed
+        example, streamed shard by shard, and the examples' ids `(N,)`."""
+        columns, ids = [], []
+        for shard_ids, stored in self.iter_shards():
+            columns.append(sum(self.compressor.scores(name, queries[name], stored[name]) for name in queries))
+            ids.append(shard_ids)
+        return torch.cat(columns, dim=1).to(torch.float32), torch.cat(ids)
 
     def ids(self) -> torch.Tensor:
         return torch.cat([ids for ids, _ in self.iter_shards()])
