@@ -264,9 +264,8 @@ def test_pairwise_scores_equal_exact_influence_on_linear_model(digits8, bias: bo
     torch.manual_seed(0)
     task = toy_task(VectorLinear((1, size, size), bias).double(), 1, size, random_flip=True)
     crops = [image.crop((2, 2, 2 + size, 2 + size)) for image in digits8.select(range(9))["image"]]  # 4×4 digits
-    train = datasets.Dataset.from_dict(
-        {"image": crops[:6], "id": [30 + i for i in range(6)]}, features=digits8.features
-    )
+    features = datasets.Features({"image": datasets.Image(), "id": datasets.Value("int64")})
+    train = datasets.Dataset.from_dict({"image": crops[:6], "id": [30 + i for i in range(6)]}, features=features)
     queries = crops[6:]
     config = hfi.FactorConfig(
         strategy="kfac", output_curvature="exact", dtype="float64", draws_per_example=draws, batch_size=6, seed=2
