@@ -99,7 +99,7 @@ def pairwise_scores(
     `queries` are generated samples (PIL images, arrays or `(B, C, H, W)` tensors in [-1, 1]).
     Training gradients average `num_train_draws` draws of the training loss per example (with the
     task's augmentation); query gradients average `num_query_draws` draws of `measurement`.
-    Columns follow the order of `train_dataset`.
+    Columns follow the order of `train_dataset`. Scores are fp32 (fp64 for an fp64 model).
     """
     factors.check_compatible(task, force=force)
     layers = factor_layers(task, factors)
@@ -129,7 +129,7 @@ def pairwise_scores(
             columns.append(dot_scores(preconditioned, train))
     finally:
         task.denoiser.train(was_training)
-    return torch.cat(columns, dim=1).to(torch.float32).cpu()
+    return torch.cat(columns, dim=1).cpu()
 
 
 @dataclass

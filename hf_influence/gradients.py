@@ -86,14 +86,17 @@ def per_example_gradients(
     batch_size: int,
     augment: bool = False,
     timestep: int | None = None,
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | None = None,
     projections: Projections | None = None,
 ) -> LayerGradients:
     """Gradients of `1/K Σ_k objective(draw_k)` for each example, for every layer in `layers`
     (projected as `P_outᵀ ∇W P_in`, bias as `P_outᵀ ∇b`, for the layers in `projections`).
 
     Draws are seeded by (seed, stream, example id), so the result does not depend on batch_size.
+    Gradients are accumulated in `dtype` (default: fp64 for an fp64 model, else fp32).
     """
+    if dtype is None:
+        dtype = torch.float64 if task.dtype == torch.float64 else torch.float32
     collector = _Collector(layers, len(ids), dtype, task.device, projections or {})
     with torch.enable_grad(), LayerCapture(layers, on_backward=collector.on_backward) as capture:
         for examples, draw_rows in draw_chunks(len(ids), num_draws, batch_size):

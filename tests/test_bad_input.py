@@ -34,7 +34,7 @@ def test_wrong_size_or_channels(task):
 
 def test_missing_image_column(task):
     dataset = mnist_dataset(4, 8).rename_column("image", "picture")
-    with pytest.raises(KeyError, match="no column 'image'.*picture"):
+    with pytest.raises(KeyError, match=r"no column 'image'.*picture"):
         hfi.fit_factors(task, dataset)
 
 

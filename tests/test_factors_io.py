@@ -111,7 +111,7 @@ def test_corrupt_or_truncated_files_are_refused(fitted, tmp_path):
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(ValueError, match="corrupt"):
         hfi.InfluenceFactors.from_pretrained(tmp_path)
-    with pytest.raises(FileNotFoundError, match="config.json"):
+    with pytest.raises(FileNotFoundError, match=r"config\.json"):
         hfi.InfluenceFactors.from_pretrained(tmp_path / "missing")
 
 

@@ -38,7 +38,7 @@ def test_simplified_elbo_weights():
 def test_simplified_elbo_is_in_epsilon_space(prediction_type):
     """For v- and x0-prediction the ELBO uses ε̂ derived from the prediction, not the raw MSE."""
     task, samples, draws, output = _output(prediction_type)
-    clean, noisy = task.noisy_inputs(samples, draws, repeats=4)
+    _, noisy = task.noisy_inputs(samples, draws, repeats=4)
     alpha_bar = task.alphas_cumprod[output.timesteps].float().view(-1, 1, 1, 1)
     if prediction_type == "v_prediction":
         epsilon = alpha_bar.sqrt() * output.prediction + (1 - alpha_bar).sqrt() * noisy
@@ -52,7 +52,7 @@ def test_simplified_elbo_is_in_epsilon_space(prediction_type):
 
 
 def test_weighted_and_fixed_time_losses():
-    task, samples, _, output = _output()
+    task, _, _, output = _output()
     weights = torch.linspace(0, 1, task.num_train_timesteps)
     expected = weights[output.timesteps].float() * hfi.Loss()(task, output)
     torch.testing.assert_close(hfi.WeightedLoss(weights)(task, output), expected)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 import PIL.Image
 import pytest
@@ -74,7 +76,9 @@ def test_target_matches_diffusers(prediction_type):
     # the noisy input is diffusers' add_noise
     draws = task.draw([0], 5, seed=0, stream="train")
     _, noisy = task.noisy_inputs(clean[:1], draws, repeats=5)
-    torch.testing.assert_close(noisy, scheduler.add_noise(clean[:1].expand(5, -1, -1, -1), draws.noise, draws.timesteps))
+    torch.testing.assert_close(
+        noisy, scheduler.add_noise(clean[:1].expand(5, -1, -1, -1), draws.noise, draws.timesteps)
+    )
 
 
 def test_loss_per_draw_is_diffusers_mse():
@@ -88,12 +92,12 @@ def test_loss_per_draw_is_diffusers_mse():
 
 
 def test_pipeline_kinds_not_supported_yet_are_named():
-    class LatentPipeline:
-        components = {"unet": tiny_unet(), "vae": object(), "scheduler": DDPMScheduler()}
-        scheduler = components["scheduler"]
-
+    scheduler = DDPMScheduler()
+    latent = SimpleNamespace(
+        components={"unet": tiny_unet(), "vae": object(), "scheduler": scheduler}, scheduler=scheduler
+    )
     with pytest.raises(NotImplementedError, match="latent"):
-        hfi.DiffusionTask.from_pipeline(LatentPipeline())
+        hfi.DiffusionTask.from_pipeline(latent)
     with pytest.raises(NotImplementedError, match="Conditional"):
         hfi.DiffusionTask(tiny_unet(), DDPMScheduler(), label_column="label")
     pipeline = DDPMPipeline(unet=tiny_unet(), scheduler=DDPMScheduler())

@@ -53,18 +53,14 @@ class LinearKind(LayerKind):
 
 
 class Conv2dKind(LayerKind):
-    """`nn.Conv2d`: the positions are the output pixels and `a_r` is the im2col patch, in the
-    `(C_in, k1, k2)` order of `W.view(C_out, -1)`. Non-zero padding modes pad first, as the module does."""
+    """`nn.Conv2d` (groups=1; `find_layers` refuses grouped ones): the positions are the output pixels
+    and `a_r` is the im2col patch, in the `(C_in, k1, k2)` order of `W.view(C_out, -1)`. Non-zero
+    padding modes pad first, as the module does."""
 
     module_type = nn.Conv2d
 
     @staticmethod
     def activations(module: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
-        if module.groups != 1:
-            raise NotImplementedError(
-                f"Grouped convolutions (groups={module.groups}) are not supported; "
-                "exclude this layer with FactorConfig(module_filter=...)."
-            )
         (k1, k2), (d1, d2), (s1, s2) = module.kernel_size, module.dilation, module.stride
         if module.padding == "valid":
             pads = [0, 0, 0, 0]
@@ -115,6 +111,11 @@ def find_layers(
             continue
         if callable(module_filter) and not module_filter(name, module):
             continue
+        if getattr(module, "groups", 1) != 1:
+            raise NotImplementedError(
+                f"Layer {name!r} is a grouped convolution (groups={module.groups}), which is not supported; "
+                "exclude it with module_filter=..."
+            )
         layers[name] = module
     if not layers:
         raise ValueError(
