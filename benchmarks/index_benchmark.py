@@ -28,6 +28,7 @@ from hf_influence.data import mnist_demo_dataset as mnist_dataset
 from hf_influence.index import FORMAT, FORMAT_VERSION, GradientIndex, _shard_record
 
 COMPRESSIONS = {
+    "projection-8+8bit": dict(compression="projection", projection_dim=8, quantize_bits=8),
     "projection-24+8bit": dict(compression="projection", projection_dim=24, quantize_bits=8),
     "projection-32+8bit": dict(compression="projection", projection_dim=32, quantize_bits=8),
     "svd-1+8bit": dict(compression="svd", rank=1, quantize_bits=8),
@@ -161,7 +162,7 @@ def main() -> None:
     parser.add_argument("--query-draws", type=int, nargs="+", default=[1, 16, 64], help="K' for the latency")
     parser.add_argument("--synthetic", type=int, default=1_000_000)
     parser.add_argument("--synthetic-shard", type=int, default=16384)
-    parser.add_argument("--synthetic-compression", default="projection-24+8bit", choices=sorted(COMPRESSIONS))
+    parser.add_argument("--synthetic-compression", default="projection-8+8bit", choices=sorted(COMPRESSIONS))
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default="benchmarks/results/index_benchmark.json")
     args = parser.parse_args()

@@ -136,13 +136,28 @@ class Quantized(Compressor):
         return self.inner.query(name, weight, bias)
 
     def scores(self, name: str, query: Stored, stored: Stored) -> torch.Tensor:
-        decoded = {}
-        for key, codes in stored.items():
-            if codes.dtype == torch.uint8:
-                shape = (-1,) + (1,) * (codes.dim() - 1)
-                scale, low = stored[f"{key}.scale"].view(shape), stored[f"{key}.min"].view(shape)
-                decoded[key] = codes.to(torch.float32) * scale + low
-        return self.inner.scores(name, query, decoded)
+        if isinstance(self.inner, SVDCompressor):  # scores are not linear in the stored factors: decode
+            return self.inner.scores(name, query, {key: self._decode(stored, key) for key in _codes(stored)})
+        # Linear inner compressors: ⟨q, min + code·scale⟩ = scale ⟨q, code⟩ + min Σq, without decoding.
+        result = 0
+        for key, value in query.items():
+            codes = stored[key].flatten(1).to(value.dtype)
+            result = (
+                result
+                + (value @ codes.T) * stored[f"{key}.scale"]
+                + value.sum(dim=1, keepdim=True) * stored[f"{key}.min"]
+            )
+        return result
+
+    @staticmethod
+    def _decode(stored: Stored, key: str) -> torch.Tensor:
+        codes = stored[key]
+        shape = (-1,) + (1,) * (codes.dim() - 1)
+        return codes.to(torch.float32) * stored[f"{key}.scale"].view(shape) + stored[f"{key}.min"].view(shape)
+
+
+def _codes(stored: Stored) -> list[str]:
+    return [key for key, value in stored.items() if value.dtype == torch.uint8]
 
 
 def make_compressor(

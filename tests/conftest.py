@@ -13,6 +13,9 @@ from torch import nn
 import hf_influence as hfi
 from hf_influence.data import mnist_demo_dataset
 
+# One thread: on 2 shared cores, 2 torch threads per process can run 10-80x slower when anything else runs.
+torch.set_num_threads(1)
+
 
 class ToyDenoiser(nn.Module):
     """Any image-to-image `net` dressed as a diffusers denoiser (`config`, `.sample` output).
