@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from .curvature.inverse import precondition, precondition_in_eigenbasis, to_eigenbasis
 from .data import dataset_length, iter_example_batches
 from .factors import InfluenceFactors
-from .gradients import LayerGradients, per_example_gradients
+from .gradients import LayerGradients, per_example_gradients, per_example_scores
 from .index import GradientIndex
 from .measurements import Loss, Measurement, get_measurement
 from .task import DiffusionTask
@@ -68,18 +68,6 @@ def precondition_gradients(factors: InfluenceFactors, gradients: LayerGradients,
     }
 
 
-def dot_scores(left: LayerGradients, right: LayerGradients) -> torch.Tensor:
-    """`[len(left), len(right)]` inner products of two sets of layer gradients."""
-    scores = None
-    for name, (left_weight, left_bias) in left.items():
-        right_weight, right_bias = right[name]
-        part = left_weight.flatten(1) @ right_weight.flatten(1).to(left_weight.dtype).T
-        if left_bias is not None:
-            part = part + left_bias @ right_bias.to(left_bias.dtype).T
-        scores = part if scores is None else scores + part
-    return scores
-
-
 def pairwise_scores(
     task: DiffusionTask,
     factors: InfluenceFactors,
@@ -114,19 +102,21 @@ def pairwise_scores(
         batches = iter_example_batches(train_dataset, task, examples_per_batch, id_column)
         total = math.ceil(length / examples_per_batch) if length else None
         for batch in tqdm(batches, total=total, desc="Scoring training examples", unit="batch"):
-            train = per_example_gradients(
-                task,
-                layers,
-                batch.samples,
-                batch.ids,
-                Loss(),
-                num_train_draws,
-                seed,
-                "train",
-                batch_size,
-                augment=True,
+            columns.append(
+                per_example_scores(
+                    task,
+                    layers,
+                    batch.samples,
+                    batch.ids,
+                    Loss(),
+                    num_train_draws,
+                    seed,
+                    "train",
+                    batch_size,
+                    preconditioned,
+                    augment=True,
+                )
             )
-            columns.append(dot_scores(preconditioned, train))
     finally:
         task.denoiser.train(was_training)
     return torch.cat(columns, dim=1).cpu()

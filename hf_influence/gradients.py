@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from .curvature.capture import LayerCapture
-from .curvature.layers import LayerKind, layer_kind
+from .curvature.layers import LayerKind
 from .data import draw_chunks
 from .task import DenoiserOutput, DiffusionTask
 
@@ -25,53 +25,47 @@ LayerGradients = dict[str, tuple[torch.Tensor, torch.Tensor | None]]
 
 # Per layer: (P_out (d_out, k_out), P_in (d_in, k_in)) for Kronecker-structured projections.
 Projections = dict[str, tuple[torch.Tensor, torch.Tensor]]
+# Receives (layer name, examples of the current pass, their partial weight and bias gradients).
+GradientConsumer = Callable[[str, slice, torch.Tensor, torch.Tensor | None], None]
 
 
-class _Collector:
-    """Accumulates per-example gradients of the examples in the current forward pass.
+def for_each_example_gradient(
+    task: DiffusionTask,
+    layers: dict[str, nn.Module],
+    samples: torch.Tensor,
+    ids: Sequence[Any],
+    objective: Objective,
+    num_draws: int,
+    seed: int,
+    stream: str,
+    batch_size: int,
+    consume: GradientConsumer,
+    augment: bool = False,
+    timestep: int | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> None:
+    """Hand `consume` each layer's per-example gradients of `1/K Σ_k objective(draw_k)`, pass by pass.
 
-    With `projections`, a layer's gradient is projected as `P_outᵀ ∇W P_in` straight from the
-    hooked `a` and `g`, never forming the full `d_out × d_in` gradient.
+    When an example's draws do not fit in one pass, `consume` receives its gradient in parts that
+    sum to the whole. Draws are seeded by (seed, stream, example id): nothing depends on batch_size.
     """
+    examples = slice(0, 0)
 
-    def __init__(
-        self,
-        layers: dict[str, nn.Module],
-        num_examples: int,
-        dtype: torch.dtype,
-        device: torch.device,
-        projections: Projections,
-    ):
-        self.projections = {
-            name: (out.to(device, dtype), inp.to(device, dtype)) for name, (out, inp) in projections.items()
-        }
-        shapes = {name: layer_kind(module).weight_shape(module) for name, module in layers.items()}
-        shapes |= {name: (out.shape[1], inp.shape[1]) for name, (out, inp) in self.projections.items()}
-        self.weights = {
-            name: torch.zeros(num_examples, *shape, dtype=dtype, device=device) for name, shape in shapes.items()
-        }
-        self.biases = {
-            name: torch.zeros(num_examples, shapes[name][0], dtype=dtype, device=device)
-            for name, module in layers.items()
-            if module.bias is not None
-        }
-        self.examples = slice(0, 0)
+    def on_backward(name: str, module: nn.Module, kind: type[LayerKind], inputs: torch.Tensor, grad: torch.Tensor):
+        count = examples.stop - examples.start
+        weight = kind.summed_gradients(module, inputs.to(dtype), grad.to(dtype), count)
+        bias = kind.output_gradients(module, grad).to(dtype).reshape(count, -1, weight.shape[1]).sum(dim=1)
+        consume(name, examples, weight, bias if module.bias is not None else None)
 
-    def on_backward(
-        self, name: str, module: nn.Module, kind: type[LayerKind], inputs: torch.Tensor, grad: torch.Tensor
-    ) -> None:
-        count = self.examples.stop - self.examples.start
-        dtype = self.weights[name].dtype
-        a = kind.activations(module, inputs).to(dtype)
-        g = kind.output_gradients(module, grad).to(dtype)
-        if name in self.projections:
-            project_out, project_in = self.projections[name]
-            a, g = a @ project_in, g @ project_out
-        a = a.reshape(count, -1, a.shape[-1])  # (examples, draws × positions, d_in)
-        g = g.reshape(count, -1, g.shape[-1])
-        self.weights[name][self.examples] += g.transpose(1, 2) @ a
-        if name in self.biases:
-            self.biases[name][self.examples] += g.sum(dim=1)
+    with torch.enable_grad(), LayerCapture(layers, on_backward=on_backward) as capture:
+        for examples, draw_rows in draw_chunks(len(ids), num_draws, batch_size):
+            output, _ = task.run(
+                samples[examples], ids[examples], num_draws, draw_rows, seed, stream, augment, timestep
+            )
+            values = objective(task, output)
+            if not torch.isfinite(values).all():
+                raise FloatingPointError(f"The objective is NaN or infinite for examples {list(ids[examples])}.")
+            capture.backward(values.sum() / num_draws)
 
 
 def per_example_gradients(
@@ -92,30 +86,76 @@ def per_example_gradients(
     """Gradients of `1/K Σ_k objective(draw_k)` for each example, for every layer in `layers`
     (projected as `P_outᵀ ∇W P_in`, bias as `P_outᵀ ∇b`, for the layers in `projections`).
 
-    Draws are seeded by (seed, stream, example id), so the result does not depend on batch_size.
     Gradients are accumulated in `dtype` (default: fp64 for an fp64 model, else fp32).
     """
-    if dtype is None:
-        dtype = torch.float64 if task.dtype == torch.float64 else torch.float32
-    collector = _Collector(layers, len(ids), dtype, task.device, projections or {})
-    with torch.enable_grad(), LayerCapture(layers, on_backward=collector.on_backward) as capture:
-        for examples, draw_rows in draw_chunks(len(ids), num_draws, batch_size):
-            collector.examples = examples
-            output, _ = task.run(
-                samples[examples], ids[examples], num_draws, draw_rows, seed, stream, augment, timestep
-            )
-            values = objective(task, output)
-            if not torch.isfinite(values).all():
-                raise FloatingPointError(f"The objective is NaN or infinite for examples {list(ids[examples])}.")
-            capture.backward(values.sum() / num_draws)
-    return {name: (collector.weights[name], collector.biases.get(name)) for name in layers}
+    dtype = dtype or _gradient_dtype(task)
+    projections = {
+        name: (out.to(task.device, dtype), inp.to(task.device, dtype))
+        for name, (out, inp) in (projections or {}).items()
+    }
+    weights: dict[str, torch.Tensor] = {}
+    biases: dict[str, torch.Tensor] = {}
 
-
-def flatten(gradients: LayerGradients) -> torch.Tensor:
-    """Concatenate every layer's weight and bias gradients into `(B, num_parameters)`."""
-    parts = []
-    for weight, bias in gradients.values():
-        parts.append(weight.flatten(1))
+    def accumulate(name: str, examples: slice, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        if name in projections:
+            project_out, project_in = projections[name]
+            weight = project_out.T @ weight @ project_in
+            bias = None if bias is None else bias @ project_out
+        if name not in weights:
+            weights[name] = weight.new_zeros(len(ids), *weight.shape[1:])
+            if bias is not None:
+                biases[name] = bias.new_zeros(len(ids), bias.shape[1])
+        weights[name][examples] += weight
         if bias is not None:
-            parts.append(bias)
-    return torch.cat(parts, dim=1)
+            biases[name][examples] += bias
+
+    for_each_example_gradient(
+        task, layers, samples, ids, objective, num_draws, seed, stream, batch_size, accumulate, augment, timestep, dtype
+    )
+    return {name: (weights[name], biases.get(name)) for name in layers}
+
+
+def per_example_scores(
+    task: DiffusionTask,
+    layers: dict[str, nn.Module],
+    samples: torch.Tensor,
+    ids: Sequence[Any],
+    objective: Objective,
+    num_draws: int,
+    seed: int,
+    stream: str,
+    batch_size: int,
+    queries: LayerGradients,
+    augment: bool = False,
+) -> torch.Tensor:
+    """`[Q, len(ids)]` inner products of `queries` with each example's gradient, layer by layer as the
+    gradients arrive: no example's full gradient is ever held in memory."""
+    num_queries = len(next(iter(queries.values()))[0])
+    scores = torch.zeros(num_queries, len(ids), dtype=_gradient_dtype(task), device=task.device)
+
+    def score(name: str, examples: slice, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        query_weight, query_bias = queries[name]
+        part = query_weight.flatten(1) @ weight.flatten(1).to(query_weight.dtype).T
+        if bias is not None:
+            part += query_bias @ bias.to(query_bias.dtype).T
+        scores[:, examples] += part
+
+    for_each_example_gradient(
+        task,
+        layers,
+        samples,
+        ids,
+        objective,
+        num_draws,
+        seed,
+        stream,
+        batch_size,
+        score,
+        augment,
+        dtype=scores.dtype,
+    )
+    return scores
+
+
+def _gradient_dtype(task: DiffusionTask) -> torch.dtype:
+    return torch.float64 if task.dtype == torch.float64 else torch.float32

@@ -70,25 +70,25 @@ class EigenvalueCorrectionAccumulator:
     ) -> None:
         q_a = self.activation_eigenvectors[name].to(grad.device, self.dtype)
         q_g = self.gradient_eigenvectors[name].to(grad.device, self.dtype)
-        a = kind.activations(module, inputs).to(self.dtype)  # (S, R, d_in)
         g = kind.output_gradients(module, grad).to(self.dtype)  # (S, R, d_out)
-        positions, d_in, d_out = a.shape[1], a.shape[-1], g.shape[-1]
-        bias_gradients = g.sum(dim=1)  # (S, d_out), before any rotation
-        if positions == 1:  # the rotated per-draw gradient is an outer product: its square factorises
-            squares = (g[:, 0] @ q_g).pow(2).T @ (a[:, 0] @ q_a).pow(2)
+        positions, (d_out, d_in) = g.shape[1], kind.weight_shape(module)
+        bias_gradients = g.sum(dim=1)  # (S, d_out)
+        # Either rotate a and g and sum their products over positions, or form each draw's ∇W_s
+        # (the layer's own weight-gradient kernel) and rotate it: whichever needs fewer multiplications.
+        rotate_first = positions * (d_in * d_in + d_out * d_out) < d_out * d_in * (d_in + d_out)
+        if rotate_first:
+            a, rotated_g = kind.activations(module, inputs).to(self.dtype) @ q_a, g @ q_g
         else:
-            # Either rotate a and g and then sum over positions, or form ∇W_s first and rotate it:
-            # whichever costs fewer multiplications for this layer's shapes.
-            rotate_first = positions * (d_in * d_in + d_out * d_out) < d_out * d_in * (d_in + d_out)
+            inputs, grad = inputs.to(self.dtype), grad.to(self.dtype)
+        chunk = max(1, _CHUNK_ELEMENTS // (d_out * d_in))
+        squares = 0
+        for start in range(0, len(g), chunk):
+            rows = slice(start, min(start + chunk, len(g)))
             if rotate_first:
-                a, g = a @ q_a, g @ q_g
-            chunk = max(1, _CHUNK_ELEMENTS // (d_out * d_in))
-            squares = 0
-            for start in range(0, len(a), chunk):
-                per_draw = g[start : start + chunk].transpose(1, 2) @ a[start : start + chunk]  # (s, d_out, d_in)
-                if not rotate_first:
-                    per_draw = q_g.T @ per_draw @ q_a
-                squares = squares + per_draw.pow(2).sum(dim=0)
+                per_draw = rotated_g[rows].transpose(1, 2) @ a[rows]
+            else:
+                per_draw = q_g.T @ kind.summed_gradients(module, inputs[rows], grad[rows], rows.stop - start) @ q_a
+            squares = squares + per_draw.pow(2).sum(dim=0)
         _add(self.weight, name, squares)
         if module.bias is not None:
             _add(self.bias, name, (bias_gradients @ q_g).pow(2).sum(dim=0))

@@ -33,6 +33,16 @@ class LayerKind:
         """(d_out, d_in) of the flattened weight."""
         raise NotImplementedError
 
+    @classmethod
+    def summed_gradients(
+        cls, module: nn.Module, inputs: torch.Tensor, grad_output: torch.Tensor, groups: int
+    ) -> torch.Tensor:
+        """Weight gradients `Σ g aᵀ` (groups, d_out, d_in), summed over positions and over each of
+        `groups` equal blocks of consecutive rows (one block per example, or per draw)."""
+        a = cls.activations(module, inputs)
+        g = cls.output_gradients(module, grad_output)
+        return g.reshape(groups, -1, g.shape[-1]).transpose(1, 2) @ a.reshape(groups, -1, a.shape[-1]).to(g.dtype)
+
 
 class LinearKind(LayerKind):
     """`nn.Linear` on `(S, d_in)` (R = 1) or on tokens `(S, ..., d_in)` (R = number of tokens)."""
@@ -60,8 +70,12 @@ class Conv2dKind(LayerKind):
     module_type = nn.Conv2d
 
     @staticmethod
-    def activations(module: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
-        (k1, k2), (d1, d2), (s1, s2) = module.kernel_size, module.dilation, module.stride
+    def _padded(module: nn.Module, inputs: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        """The input and the padding left for the convolution: zero padding by numbers stays implicit,
+        "same"/"valid" and other padding modes are applied explicitly, as the module does."""
+        if module.padding_mode == "zeros" and not isinstance(module.padding, str):
+            return inputs, module.padding
+        (k1, k2), (d1, d2) = module.kernel_size, module.dilation
         if module.padding == "valid":
             pads = [0, 0, 0, 0]
         elif module.padding == "same":
@@ -71,11 +85,40 @@ class Conv2dKind(LayerKind):
             p1, p2 = module.padding
             pads = [p2, p2, p1, p1]
         mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
-        padded = F.pad(inputs, pads, mode=mode) if any(pads) else inputs
+        return (F.pad(inputs, pads, mode=mode) if any(pads) else inputs), (0, 0)
+
+    @staticmethod
+    def activations(module: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
+        (k1, k2), (d1, d2), (s1, s2) = module.kernel_size, module.dilation, module.stride
+        padded, (p1, p2) = Conv2dKind._padded(module, inputs)
+        if p1 or p2:
+            padded = F.pad(padded, [p2, p2, p1, p1])
         # Strided views instead of F.unfold: one copy into the (position, patch) layout, several times faster.
         patches = padded.unfold(2, d1 * (k1 - 1) + 1, s1).unfold(3, d2 * (k2 - 1) + 1, s2)[..., ::d1, ::d2]
         batch, channels, out1, out2 = patches.shape[:4]
         return patches.permute(0, 2, 3, 1, 4, 5).reshape(batch, out1 * out2, channels * k1 * k2)
+
+    @classmethod
+    def summed_gradients(
+        cls, module: nn.Module, inputs: torch.Tensor, grad_output: torch.Tensor, groups: int
+    ) -> torch.Tensor:
+        # The convolution's own weight-gradient kernel with one group per block: no patch matrix, ~10x faster.
+        padded, padding = cls._padded(module, inputs)
+        rows, channels, height, width = padded.shape
+        out_channels = grad_output.shape[1]
+        per_group = rows // groups
+        padded = padded.reshape(groups, per_group, channels, height, width).transpose(0, 1)
+        grad_output = grad_output.reshape(groups, per_group, out_channels, *grad_output.shape[2:]).transpose(0, 1)
+        weight = torch.nn.grad.conv2d_weight(
+            padded.reshape(per_group, groups * channels, height, width).to(grad_output.dtype),
+            (groups * out_channels, channels, *module.kernel_size),
+            grad_output.reshape(per_group, groups * out_channels, *grad_output.shape[3:]),
+            stride=module.stride,
+            padding=padding,
+            dilation=module.dilation,
+            groups=groups,
+        )
+        return weight.reshape(groups, out_channels, -1)
 
     @staticmethod
     def output_gradients(module: nn.Module, grad_output: torch.Tensor) -> torch.Tensor:
