@@ -91,34 +91,29 @@ def pairwise_scores(
     """
     factors.check_compatible(task, force=force)
     layers = factor_layers(task, factors)
-    was_training = task.denoiser.training
-    task.denoiser.eval()
-    try:
-        grads = query_gradients(task, layers, queries, measurement, num_query_draws, seed, batch_size)
-        preconditioned = precondition_gradients(factors.to(task.device), grads, damping)
-        examples_per_batch = max(1, batch_size // num_train_draws)
-        length = dataset_length(train_dataset)
-        columns = []
-        batches = iter_example_batches(train_dataset, task, examples_per_batch, id_column)
-        total = math.ceil(length / examples_per_batch) if length else None
-        for batch in tqdm(batches, total=total, desc="Scoring training examples", unit="batch"):
-            columns.append(
-                per_example_scores(
-                    task,
-                    layers,
-                    batch.samples,
-                    batch.ids,
-                    Loss(),
-                    num_train_draws,
-                    seed,
-                    "train",
-                    batch_size,
-                    preconditioned,
-                    augment=True,
-                )
+    grads = query_gradients(task, layers, queries, measurement, num_query_draws, seed, batch_size)
+    preconditioned = precondition_gradients(factors.to(task.device), grads, damping)
+    examples_per_batch = max(1, batch_size // num_train_draws)
+    length = dataset_length(train_dataset)
+    columns = []
+    batches = iter_example_batches(train_dataset, task, examples_per_batch, id_column)
+    total = math.ceil(length / examples_per_batch) if length else None
+    for batch in tqdm(batches, total=total, desc="Scoring training examples", unit="batch"):
+        columns.append(
+            per_example_scores(
+                task,
+                layers,
+                batch.samples,
+                batch.ids,
+                Loss(),
+                num_train_draws,
+                seed,
+                "train",
+                batch_size,
+                preconditioned,
+                augment=True,
             )
-    finally:
-        task.denoiser.train(was_training)
+        )
     return torch.cat(columns, dim=1).cpu()
 
 
@@ -241,12 +236,7 @@ class Attributor:
     ) -> dict:
         key = (hashlib.blake2b(samples.numpy().tobytes()).hexdigest(), repr(measurement), num_draws, seed)
         if self._cache is None or self._cache[0] != key:
-            was_training = self.task.denoiser.training
-            self.task.denoiser.eval()
-            try:
-                grads = query_gradients(self.task, self.layers, samples, measurement, num_draws, seed, batch_size)
-            finally:
-                self.task.denoiser.train(was_training)
+            grads = query_gradients(self.task, self.layers, samples, measurement, num_draws, seed, batch_size)
             rotated = {name: to_eigenbasis(self.factors.layer(name), *grad) for name, grad in grads.items()}
             self._cache = (key, rotated)
         return self._cache[1]

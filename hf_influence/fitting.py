@@ -33,9 +33,7 @@ def fit_factors(
     config = config or FactorConfig()
     layers = find_layers(task.denoiser, config.module_filter)
     dtype = config.torch_dtype
-    was_training = task.denoiser.training
-    task.denoiser.eval()
-    try:
+    with task.eval_mode():
         covariances = CovarianceAccumulator(layers, config.approx, dtype)
         num_draws = _run_pass(
             task, dataset, config, layers, "fit", covariances.on_forward, covariances.on_backward, "Fitting covariances"
@@ -70,8 +68,6 @@ def fit_factors(
                 tensors[f"{name}.eigenvalues"] = correction.weight[name] / correction_draws
                 if name in correction.bias:
                     tensors[f"{name}.bias_eigenvalues"] = correction.bias[name] / correction_draws
-    finally:
-        task.denoiser.train(was_training)
 
     metadata = {
         "format": FORMAT,

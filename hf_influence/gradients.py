@@ -47,7 +47,8 @@ def for_each_example_gradient(
     """Hand `consume` each layer's per-example gradients of `1/K Σ_k objective(draw_k)`, pass by pass.
 
     When an example's draws do not fit in one pass, `consume` receives its gradient in parts that
-    sum to the whole. Draws are seeded by (seed, stream, example id): nothing depends on batch_size.
+    sum to the whole. The denoiser runs in eval mode (see `DiffusionTask.eval_mode`). Draws are
+    seeded by (seed, stream, example id): nothing depends on batch_size.
     """
     examples = slice(0, 0)
 
@@ -57,7 +58,7 @@ def for_each_example_gradient(
         bias = kind.output_gradients(module, grad).to(dtype).reshape(count, -1, weight.shape[1]).sum(dim=1)
         consume(name, examples, weight, bias if module.bias is not None else None)
 
-    with torch.enable_grad(), LayerCapture(layers, on_backward=on_backward) as capture:
+    with task.eval_mode(), torch.enable_grad(), LayerCapture(layers, on_backward=on_backward) as capture:
         for examples, draw_rows in draw_chunks(len(ids), num_draws, batch_size):
             output, _ = task.run(
                 samples[examples], ids[examples], num_draws, draw_rows, seed, stream, augment, timestep

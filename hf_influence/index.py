@@ -242,39 +242,32 @@ def build_index(
     remaining = dataset.skip(done) if done and hasattr(dataset, "skip") else itertools.islice(dataset, done, None)
     length = dataset_length(dataset)
 
-    was_training = task.denoiser.training
-    task.denoiser.eval()
-    try:
-        progress = tqdm(total=length, initial=done, desc="Indexing training gradients", unit="example")
-        examples_per_pass = max(1, config.batch_size // config.num_draws)
-        batches = iter_example_batches(remaining, task, config.shard_size, config.id_column, start=done)
-        for batch in batches:
-            tensors: dict[str, list[torch.Tensor]] = {}
-            for start in range(0, len(batch.ids), examples_per_pass):
-                part = slice(start, start + examples_per_pass)
-                grads = per_example_gradients(
-                    task,
-                    layers,
-                    batch.samples[part],
-                    batch.ids[part],
-                    Loss(),
-                    config.num_draws,
-                    config.seed,
-                    "train",
-                    config.batch_size,
-                    augment=True,
-                    projections=projections,
-                )
-                for name, (weight, bias) in grads.items():
-                    for key, value in compressor.encode(
-                        name, weight.cpu(), None if bias is None else bias.cpu()
-                    ).items():
-                        tensors.setdefault(f"{name}.{key}", []).append(value)
-                progress.update(len(batch.ids[part]))
-            shards.append(_write_shard(directory, len(shards), batch.ids, tensors, metadata))
-        progress.close()
-    finally:
-        task.denoiser.train(was_training)
+    progress = tqdm(total=length, initial=done, desc="Indexing training gradients", unit="example")
+    examples_per_pass = max(1, config.batch_size // config.num_draws)
+    batches = iter_example_batches(remaining, task, config.shard_size, config.id_column, start=done)
+    for batch in batches:
+        tensors: dict[str, list[torch.Tensor]] = {}
+        for start in range(0, len(batch.ids), examples_per_pass):
+            part = slice(start, start + examples_per_pass)
+            grads = per_example_gradients(
+                task,
+                layers,
+                batch.samples[part],
+                batch.ids[part],
+                Loss(),
+                config.num_draws,
+                config.seed,
+                "train",
+                config.batch_size,
+                augment=True,
+                projections=projections,
+            )
+            for name, (weight, bias) in grads.items():
+                for key, value in compressor.encode(name, weight.cpu(), None if bias is None else bias.cpu()).items():
+                    tensors.setdefault(f"{name}.{key}", []).append(value)
+            progress.update(len(batch.ids[part]))
+        shards.append(_write_shard(directory, len(shards), batch.ids, tensors, metadata))
+    progress.close()
     return _finish(directory, shards, metadata)
 
 

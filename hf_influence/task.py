@@ -8,8 +8,9 @@ processes) and computes the per-draw training loss exactly as diffusers trains i
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -170,6 +171,19 @@ class DiffusionTask:
     @property
     def sample_numel(self) -> int:
         return int(np.prod(self.sample_shape))
+
+    @contextlib.contextmanager
+    def eval_mode(self) -> Iterator[None]:
+        """Run the denoiser in eval mode (no dropout), restoring its mode afterwards.
+
+        Fitting, queries and training gradients all use eval mode; the reference code took training
+        gradients in train mode, but dropout would break the per-id seeding of every draw."""
+        was_training = self.denoiser.training
+        self.denoiser.eval()
+        try:
+            yield
+        finally:
+            self.denoiser.train(was_training)
 
     def fingerprint(self) -> str:
         """A hash of the denoiser's parameter names, shapes and values: factors and indices record it
