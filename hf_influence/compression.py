@@ -15,8 +15,6 @@ import torch
 from .gradients import Projections
 
 COMPRESSIONS = ("none", "svd", "projection")
-# Reconstructed SVD gradients are scored in chunks of at most this many elements.
-_CHUNK_ELEMENTS = 1 << 24
 
 Stored = dict[str, torch.Tensor]  # a layer's tensors in a shard, by key ("weight", "bias", ...)
 
@@ -74,8 +72,12 @@ class ProjectionCompressor(Compressor):
 
 
 class SVDCompressor(Compressor):
-    """Rank-`r` truncated SVD of each example's weight gradient, `∇W ≈ (U_r S_r) V_rᵀ`; layers with
-    min(d_out, d_in) ≤ r and biases are stored exactly."""
+    """Rank-`r` truncation of each example's weight gradient, `∇W ≈ L R` with L (d_out × r) and
+    R (r × d_in); layers with min(d_out, d_in) ≤ r and biases are stored exactly.
+
+    The truncation projects ∇W onto its top-r singular subspace on the smaller side, found from the
+    eigenvectors of the small Gram matrix (fast for the wide layers of a UNet, and the best rank-r
+    approximation, by Eckart–Young)."""
 
     def __init__(self, rank: int) -> None:
         if rank < 1:
@@ -83,10 +85,15 @@ class SVDCompressor(Compressor):
         self.rank = rank
 
     def encode(self, name: str, weight: torch.Tensor, bias: torch.Tensor | None) -> Stored:
-        if min(weight.shape[1:]) <= self.rank:
+        d_out, d_in = weight.shape[1:]
+        if min(d_out, d_in) <= self.rank:
             return super().encode(name, weight, bias)
-        u, s, vh = torch.linalg.svd(weight, full_matrices=False)
-        stored = {"weight.left": u[:, :, : self.rank] * s[:, None, : self.rank], "weight.right": vh[:, : self.rank]}
+        if d_out <= d_in:  # ∇W ≈ U Uᵀ ∇W with U the top left singular vectors
+            basis = _top_eigenvectors(weight @ weight.transpose(1, 2), self.rank)
+            stored = {"weight.left": basis, "weight.right": basis.transpose(1, 2) @ weight}
+        else:  # ∇W ≈ ∇W V Vᵀ with V the top right singular vectors
+            basis = _top_eigenvectors(weight.transpose(1, 2) @ weight, self.rank)
+            stored = {"weight.left": weight @ basis, "weight.right": basis.transpose(1, 2)}
         if bias is not None:
             stored["bias"] = bias
         return stored
@@ -95,19 +102,23 @@ class SVDCompressor(Compressor):
         return {"weight.full": weight} | ({} if bias is None else {"bias": bias})
 
     def scores(self, name: str, query: Stored, stored: Stored) -> torch.Tensor:
-        weight = query["weight.full"]
+        weight = query["weight.full"]  # (Q, d_out, d_in)
         if "weight" in stored:  # stored exactly
             return super().scores(name, {"weight": weight.flatten(1)} | _bias(query), stored)
         left, right = stored["weight.left"].to(weight.dtype), stored["weight.right"].to(weight.dtype)
-        chunk = max(1, _CHUNK_ELEMENTS // weight[0].numel())
-        parts = [
-            weight.flatten(1) @ (left[i : i + chunk] @ right[i : i + chunk]).flatten(1).T
-            for i in range(0, len(left), chunk)
-        ]
-        result = torch.cat(parts, dim=1)
+        examples, rank, d_in = right.shape
+        # ⟨V, L R⟩ = Σ_r l_rᵀ V r_r: one matmul of V with every stored R, then a contraction with L.
+        projected = (weight.reshape(-1, d_in) @ right.reshape(-1, d_in).T).view(len(weight), -1, examples, rank)
+        result = torch.einsum("qonr,nor->qn", projected, left)
         if "bias" in query:
             result += query["bias"] @ stored["bias"].to(weight.dtype).T
         return result
+
+
+def _top_eigenvectors(gram: torch.Tensor, rank: int) -> torch.Tensor:
+    """The `rank` leading eigenvectors (batch, d, rank) of symmetric matrices, computed in fp64."""
+    _, vectors = torch.linalg.eigh(gram.to(torch.float64))
+    return vectors[..., -rank:].flip(-1).to(gram.dtype)
 
 
 def _bias(stored: Stored) -> Stored:

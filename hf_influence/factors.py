@@ -19,9 +19,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from . import __version__
 from .curvature.inverse import Layer
-from .files import atomic_write
+from .files import atomic_write, read_config
 
 if TYPE_CHECKING:
     from .task import DiffusionTask
@@ -156,20 +155,7 @@ class InfluenceFactors:
     ) -> InfluenceFactors:
         """Load factors from a local folder; with `task`, check they belong to its denoiser."""
         directory = Path(path)
-        config_path = directory / CONFIG_NAME
-        if not config_path.is_file():
-            raise FileNotFoundError(f"No {CONFIG_NAME} in {directory}: not a saved InfluenceFactors folder.")
-        try:
-            config = json.loads(config_path.read_text())
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{config_path} is not valid JSON ({error}); the file is corrupt.") from error
-        if config.get("format") != FORMAT:
-            raise ValueError(f"{config_path} describes {config.get('format')!r}, not {FORMAT!r}.")
-        if config.get("format_version", 0) > FORMAT_VERSION:
-            raise ValueError(
-                f"These factors use format version {config['format_version']}; this hf_influence "
-                f"({__version__}) reads up to {FORMAT_VERSION}. Upgrade hf_influence."
-            )
+        config = read_config(directory, FORMAT, FORMAT_VERSION, "InfluenceFactors")
         try:
             tensors = load_file(directory / WEIGHTS_NAME)
         except (SafetensorError, FileNotFoundError, OSError) as error:

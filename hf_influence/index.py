@@ -28,7 +28,7 @@ from . import __version__
 from .compression import COMPRESSIONS, Stored, make_compressor
 from .curvature.layers import find_layers, layer_kind
 from .data import dataset_length, iter_example_batches
-from .files import atomic_write
+from .files import atomic_write, read_config
 from .gradients import per_example_gradients
 from .measurements import Loss
 
@@ -102,17 +102,7 @@ class GradientIndex:
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike) -> GradientIndex:
         directory = Path(path)
-        config_path = directory / CONFIG_NAME
-        if not config_path.is_file():
-            raise FileNotFoundError(f"No {CONFIG_NAME} in {directory}: not a finished GradientIndex folder.")
-        try:
-            config = json.loads(config_path.read_text())
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{config_path} is not valid JSON ({error}); the file is corrupt.") from error
-        if config.get("format") != FORMAT:
-            raise ValueError(f"{config_path} describes {config.get('format')!r}, not {FORMAT!r}.")
-        if config.get("format_version", 0) > FORMAT_VERSION:
-            raise ValueError(f"This index uses format version {config['format_version']}; upgrade hf_influence.")
+        config = read_config(directory, FORMAT, FORMAT_VERSION, "GradientIndex")
         for shard in config["shards"]:
             path = directory / shard["file"]
             if not path.is_file():

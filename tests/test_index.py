@@ -51,6 +51,16 @@ def test_uncompressed_index_equals_pairwise_scores(setup, tmp_path):
     assert [row["id"] for row in rows] == result.opponent_ids[1].tolist()
 
 
+def test_streaming_dataset_gives_the_same_index(setup, tmp_path):
+    task, dataset, factors, queries, exact = setup
+    streamed = dataset.to_iterable_dataset(num_shards=4)
+    index = hfi.build_index(task, streamed, hfi.IndexConfig(num_draws=DRAWS, shard_size=16), output_dir=tmp_path)
+    result = hfi.Attributor(task, factors, index).attribute(queries)
+    torch.testing.assert_close(result.scores, exact, rtol=1e-4, atol=1e-4 * exact.abs().max().item())
+    index.check_dataset(streamed)
+    assert [row["id"] for row in result.rows(streamed, query=0)] == result.proponent_ids[0].tolist()
+
+
 def test_damping_change_reuses_the_query_gradients(setup, tmp_path, monkeypatch):
     task, dataset, factors, queries, _ = setup
     index = hfi.build_index(task, dataset, hfi.IndexConfig(num_draws=DRAWS, shard_size=64), output_dir=tmp_path)
