@@ -37,23 +37,32 @@ def iter_example_batches(
     batch_size: int,
     id_column: str = "id",
     start: int = 0,
+    rank_part: bool = False,
 ) -> Iterator[ExampleBatch]:
     """Preprocessed batches of `batch_size` examples (the last may be smaller).
 
     `start` is the position of the first row (for a stream resumed part-way), used for position ids.
-
-    Raises a clear error for a dataset without the task's image column, or an empty one.
+    Raises a clear error for a dataset without the task's image column, or an empty one. A
+    `rank_part` (one process's share of the data) may be empty but must have ids: row positions
+    within a share are not the examples' positions in the dataset.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}.")
     rows = iter(dataset)
     first = next(rows, None)
     if first is None:
+        if rank_part:
+            return
         raise ValueError("The dataset is empty: there are no training examples to attribute to.")
     if task.image_column not in first:
         raise KeyError(
             f"The dataset has no column {task.image_column!r} (its columns are {sorted(first)}); "
             "pass image_column=... when building the DiffusionTask."
+        )
+    if id_column not in first and rank_part:
+        raise KeyError(
+            f"The dataset has no {id_column!r} column: a run over several processes needs stable ids. Add one, "
+            f"e.g. dataset.add_column({id_column!r}, range(len(dataset)))."
         )
     if id_column not in first:
         warnings.warn(

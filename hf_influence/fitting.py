@@ -21,30 +21,43 @@ from .curvature.capture import LayerCapture
 from .curvature.kfac import CovarianceAccumulator, EigenvalueCorrectionAccumulator, eigendecompose
 from .curvature.layers import find_layers, layer_kind
 from .data import dataset_length, draw_chunks, iter_example_batches
+from .distributed import Ranks
 from .factors import FORMAT, FORMAT_VERSION, FactorConfig, InfluenceFactors
 from .task import DenoiserOutput, DiffusionTask
 
 
 def fit_factors(
-    task: DiffusionTask, dataset: Iterable[dict[str, Any]], config: FactorConfig | None = None
+    task: DiffusionTask,
+    dataset: Iterable[dict[str, Any]],
+    config: FactorConfig | None = None,
+    accelerator: Any = None,
 ) -> InfluenceFactors:
     """Fit the curvature of `task`'s denoiser on `dataset` (a `datasets` Dataset, IterableDataset or
-    any iterable of rows with the task's image column)."""
+    any iterable of rows with the task's image column).
+
+    With an `accelerate.Accelerator` of several processes, each rank takes its part of the data,
+    the statistics are summed over ranks and the eigendecompositions are shared out round-robin;
+    every rank returns the same factors as a single process would (up to float rounding).
+    """
     config = config or FactorConfig()
+    ranks = Ranks(accelerator)
+    part = ranks.split(dataset)
     layers = find_layers(task.denoiser, config.module_filter)
     dtype = config.torch_dtype
     with task.eval_mode():
         covariances = CovarianceAccumulator(layers, config.approx, dtype)
-        num_draws = _run_pass(
-            task, dataset, config, layers, "fit", covariances.on_forward, covariances.on_backward, "Fitting covariances"
-        )
+        num_draws = _run_pass(task, part, config, layers, "fit", covariances, ranks, "Fitting covariances")
         tensors: dict[str, torch.Tensor] = {}
         activation_vectors, gradient_vectors = {}, {}
-        for name in tqdm(layers, desc="Eigendecomposition", leave=False):
-            activation = covariances.activation[name] / num_draws
-            gradient = covariances.gradient[name] / num_draws
-            activation_values, activation_vectors[name] = eigendecompose(activation)
-            gradient_values, gradient_vectors[name] = eigendecompose(gradient)
+        for position, name in enumerate(
+            tqdm(layers, desc="Eigendecomposition", leave=False, disable=not ranks.is_main)
+        ):
+            activation = ranks.sum(covariances.activation.pop(name)) / num_draws
+            gradient = ranks.sum(covariances.gradient.pop(name)) / num_draws
+            owner = ranks.owner(position)
+            (activation_values, activation_vectors[name]), (gradient_values, gradient_vectors[name]) = (
+                _shared_eigendecomposition(ranks, matrix, owner) for matrix in (activation, gradient)
+            )
             tensors.update(
                 {
                     f"{name}.activation_covariance": activation,
@@ -57,17 +70,16 @@ def fit_factors(
                 tensors[f"{name}.activation_eigenvalues"] = activation_values
                 tensors[f"{name}.gradient_eigenvalues"] = gradient_values
                 if layers[name].bias is not None:
-                    tensors[f"{name}.bias_eigenvalues"] = gradient_values
-        del covariances
+                    tensors[f"{name}.bias_eigenvalues"] = gradient_values.clone()  # own memory for safetensors
         if config.strategy == "ekfac":
-            correction = EigenvalueCorrectionAccumulator(activation_vectors, gradient_vectors, dtype)
+            correction = EigenvalueCorrectionAccumulator(layers, activation_vectors, gradient_vectors, dtype)
             correction_draws = _run_pass(
-                task, dataset, config, layers, "correction", None, correction.on_backward, "Eigenvalue correction"
+                task, part, config, layers, "correction", correction, ranks, "Eigenvalue correction"
             )
             for name in layers:
-                tensors[f"{name}.eigenvalues"] = correction.weight[name] / correction_draws
+                tensors[f"{name}.eigenvalues"] = ranks.sum(correction.weight[name]) / correction_draws
                 if name in correction.bias:
-                    tensors[f"{name}.bias_eigenvalues"] = correction.bias[name] / correction_draws
+                    tensors[f"{name}.bias_eigenvalues"] = ranks.sum(correction.bias[name]) / correction_draws
 
     metadata = {
         "format": FORMAT,
@@ -82,25 +94,39 @@ def fit_factors(
     return InfluenceFactors(metadata, {name: value.to("cpu") for name, value in tensors.items()})
 
 
+def _shared_eigendecomposition(ranks: Ranks, matrix: torch.Tensor, owner: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eigenvalues and eigenvectors computed by the `owner` rank only, then sent to every rank."""
+    if ranks.rank == owner:
+        values, vectors = eigendecompose(matrix)
+    else:
+        values, vectors = matrix.new_empty(len(matrix)), torch.empty_like(matrix)
+    return ranks.broadcast(values, owner), ranks.broadcast(vectors, owner)
+
+
 def _run_pass(
     task: DiffusionTask,
     dataset: Iterable[dict[str, Any]],
     config: FactorConfig,
     layers: dict,
     stream: str,
-    on_forward: Any,
-    on_backward: Any,
+    accumulator: Any,
+    ranks: Ranks,
     description: str,
 ) -> int:
-    """One sweep over the data with `draws_per_example` draws per example; returns the number of draws."""
+    """One sweep over this rank's data with `draws_per_example` draws per example; returns the number of
+    draws of all ranks together."""
     draws_per_example = config.draws_per_example
     examples_per_batch = max(1, config.batch_size // draws_per_example)
     length = dataset_length(dataset)
     total_batches = math.ceil(length / examples_per_batch) if length else None
     num_draws = 0
-    with torch.enable_grad(), LayerCapture(layers, on_forward=on_forward, on_backward=on_backward) as capture:
-        batches = iter_example_batches(dataset, task, examples_per_batch, config.id_column)
-        for batch in tqdm(batches, total=total_batches, desc=description, unit="batch"):
+    on_forward = getattr(accumulator, "on_forward", None)
+    with (
+        torch.enable_grad(),
+        LayerCapture(layers, on_forward=on_forward, on_backward=accumulator.on_backward) as capture,
+    ):
+        batches = iter_example_batches(dataset, task, examples_per_batch, config.id_column, rank_part=ranks.world > 1)
+        for batch in tqdm(batches, total=total_batches, desc=description, unit="batch", disable=not ranks.is_main):
             for examples, draw_rows in draw_chunks(len(batch.ids), draws_per_example, config.batch_size):
                 output, draws = task.run(
                     batch.samples[examples],
@@ -114,6 +140,9 @@ def _run_pass(
                 for value, last in _backpropagated_values(task, output, draws.probe, config):
                     capture.backward(value, retain_graph=not last)
                 num_draws += len(draws)
+    num_draws = int(ranks.sum(torch.tensor(num_draws, device=task.device)).item())
+    if num_draws == 0:
+        raise ValueError("The dataset is empty: there are no training examples to attribute to.")
     return num_draws
 
 

@@ -52,6 +52,14 @@ def test_saved_format_follows_the_contract(fitted, tmp_path):
     assert not list(tmp_path.glob("*.tmp"))
 
 
+def test_kfac_factors_round_trip(fitted, tmp_path):
+    task, dataset, _ = fitted
+    factors = hfi.fit_factors(task, dataset, hfi.FactorConfig(strategy="kfac"))
+    factors.save_pretrained(tmp_path)
+    loaded = hfi.InfluenceFactors.from_pretrained(tmp_path, task=task)
+    torch.testing.assert_close(loaded.tensors, factors.tensors, rtol=0, atol=0)
+
+
 def test_round_trip_gives_equal_tensors_and_scores(fitted, tmp_path):
     task, dataset, factors = fitted
     factors.save_pretrained(tmp_path)

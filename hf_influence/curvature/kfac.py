@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .layers import LayerKind
+from .layers import LayerKind, layer_kind
 
 APPROXIMATIONS = ("expand", "reduce")
 # Per-draw rotated gradients are formed in chunks of at most this many elements.
@@ -30,24 +30,25 @@ class CovarianceAccumulator:
             raise ValueError(f"approx must be one of {APPROXIMATIONS}, got {approx!r}.")
         self.approx = approx
         self.dtype = dtype
-        self.activation: dict[str, torch.Tensor] = {}
-        self.gradient: dict[str, torch.Tensor] = {}
+        shapes = _shapes(layers)
+        self.activation = {name: _zeros(layers[name], (d_in, d_in), dtype) for name, (_, d_in) in shapes.items()}
+        self.gradient = {name: _zeros(layers[name], (d_out, d_out), dtype) for name, (d_out, _) in shapes.items()}
 
     def on_forward(self, name: str, module: nn.Module, kind: type[LayerKind], inputs: torch.Tensor) -> None:
         a = kind.activations(module, inputs).to(self.dtype)
         if self.approx == "expand":
             rows = a.reshape(-1, a.shape[-1])
-            _add(self.activation, name, (rows.T @ rows).div_(a.shape[1]))
+            self.activation[name] += (rows.T @ rows).div_(a.shape[1])
         else:
             rows = a.mean(dim=1)
-            _add(self.activation, name, rows.T @ rows)
+            self.activation[name] += rows.T @ rows
 
     def on_backward(
         self, name: str, module: nn.Module, kind: type[LayerKind], inputs: torch.Tensor, grad: torch.Tensor
     ) -> None:
         g = kind.output_gradients(module, grad).to(self.dtype)
         rows = g.reshape(-1, g.shape[-1]) if self.approx == "expand" else g.sum(dim=1)
-        _add(self.gradient, name, rows.T @ rows)
+        self.gradient[name] += rows.T @ rows
 
 
 class EigenvalueCorrectionAccumulator:
@@ -55,6 +56,7 @@ class EigenvalueCorrectionAccumulator:
 
     def __init__(
         self,
+        layers: dict[str, nn.Module],
         activation_eigenvectors: dict[str, torch.Tensor],
         gradient_eigenvectors: dict[str, torch.Tensor],
         dtype: torch.dtype,
@@ -62,8 +64,13 @@ class EigenvalueCorrectionAccumulator:
         self.activation_eigenvectors = activation_eigenvectors
         self.gradient_eigenvectors = gradient_eigenvectors
         self.dtype = dtype
-        self.weight: dict[str, torch.Tensor] = {}
-        self.bias: dict[str, torch.Tensor] = {}
+        shapes = _shapes(layers)
+        self.weight = {name: _zeros(layers[name], shape, dtype) for name, shape in shapes.items()}
+        self.bias = {
+            name: _zeros(layers[name], (d_out,), dtype)
+            for name, (d_out, _) in shapes.items()
+            if layers[name].bias is not None
+        }
 
     def on_backward(
         self, name: str, module: nn.Module, kind: type[LayerKind], inputs: torch.Tensor, grad: torch.Tensor
@@ -89,9 +96,9 @@ class EigenvalueCorrectionAccumulator:
             else:
                 per_draw = q_g.T @ kind.summed_gradients(module, inputs[rows], grad[rows], rows.stop - start) @ q_a
             squares = squares + per_draw.pow(2).sum(dim=0)
-        _add(self.weight, name, squares)
+        self.weight[name] += squares
         if module.bias is not None:
-            _add(self.bias, name, (bias_gradients @ q_g).pow(2).sum(dim=0))
+            self.bias[name] += (bias_gradients @ q_g).pow(2).sum(dim=0)
 
 
 def eigendecompose(covariance: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -101,8 +108,9 @@ def eigendecompose(covariance: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     return eigenvalues.clamp_min(0).to(covariance.dtype), eigenvectors.to(covariance.dtype)
 
 
-def _add(store: dict[str, torch.Tensor], name: str, value: torch.Tensor) -> None:
-    if name in store:
-        store[name] += value
-    else:
-        store[name] = value.clone()
+def _shapes(layers: dict[str, nn.Module]) -> dict[str, tuple[int, int]]:
+    return {name: layer_kind(module).weight_shape(module) for name, module in layers.items()}
+
+
+def _zeros(module: nn.Module, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    return torch.zeros(shape, dtype=dtype, device=module.weight.device)

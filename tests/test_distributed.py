@@ -1,0 +1,76 @@
+"""Several processes through `accelerate` give the factors of one process."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from accelerate import Accelerator, debug_launcher
+from conftest import mnist_dataset, tiny_unet
+from diffusers import DDPMScheduler
+
+import hf_influence as hfi
+from hf_influence.distributed import Ranks
+
+# 13 examples: the two ranks get unequal parts (7 and 6).
+EXAMPLES = 13
+CONFIG = hfi.FactorConfig(draws_per_example=2, batch_size=8, dtype="float64")
+STRATEGIES = ("kfac", "ekfac")
+
+
+def _task() -> hfi.DiffusionTask:
+    return hfi.DiffusionTask(tiny_unet().double(), DDPMScheduler())
+
+
+def _fit_on_every_rank(output_dir: str, streaming: bool) -> None:
+    torch.set_num_threads(1)
+    accelerator = Accelerator(cpu=True)
+    dataset = mnist_dataset(EXAMPLES, 8)
+    if streaming:
+        dataset = dataset.to_iterable_dataset(num_shards=3)  # 3 shards over 2 ranks: uneven
+    for strategy in STRATEGIES:
+        config = dataclasses.replace(CONFIG, strategy=strategy)
+        factors = hfi.fit_factors(_task(), dataset, config, accelerator=accelerator)
+        factors.save_pretrained(f"{output_dir}/{strategy}/rank{accelerator.process_index}")
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_two_processes_fit_the_factors_of_one(tmp_path, streaming):
+    debug_launcher(_fit_on_every_rank, args=(str(tmp_path), streaming), num_processes=2)
+    task = _task()
+    queries = task.preprocess([mnist_dataset(EXAMPLES + 2, 8)[EXAMPLES + i]["image"] for i in range(2)])
+    for strategy in STRATEGIES:
+        single = hfi.fit_factors(task, mnist_dataset(EXAMPLES, 8), dataclasses.replace(CONFIG, strategy=strategy))
+        ranks = [hfi.InfluenceFactors.from_pretrained(tmp_path / strategy / f"rank{r}", task=task) for r in (0, 1)]
+        assert ranks[0].config["num_draws"] == single.config["num_draws"] == EXAMPLES * 2
+        for name, value in single.tensors.items():
+            # every rank holds the same factors, eigendecompositions included (computed by one, broadcast)
+            torch.testing.assert_close(ranks[0].tensors[name], ranks[1].tensors[name], rtol=0, atol=0)
+            if name.endswith("covariance"):
+                torch.testing.assert_close(ranks[0].tensors[name], value, rtol=1e-10, atol=1e-14)
+        # Compare what the eigenvectors are used for, the preconditioned scores. K-FAC's damped inverse
+        # (G ⊗ A + λI)⁻¹ does not depend on the eigenbasis: equal to rounding. EK-FAC's corrected
+        # eigenvalues do, within repeated eigenvalues (the null space of a rank-deficient factor, here
+        # the time-embedding layers fitted on 26 draws), where rounding picks the basis: close only.
+        kwargs = dict(damping=1e-3, num_query_draws=2, num_train_draws=2)
+        expected = hfi.pairwise_scores(task, single, queries, mnist_dataset(EXAMPLES, 8), **kwargs)
+        actual = hfi.pairwise_scores(task, ranks[0], queries, mnist_dataset(EXAMPLES, 8), **kwargs)
+        tolerance = 1e-8 if strategy == "kfac" else 2e-3
+        torch.testing.assert_close(actual, expected, rtol=tolerance, atol=tolerance * expected.abs().max().item())
+
+
+def _needs_ids_on_every_rank() -> None:
+    accelerator = Accelerator(cpu=True)
+    with pytest.raises(KeyError, match="stable ids"):
+        hfi.fit_factors(_task(), mnist_dataset(4, 8).remove_columns("id"), CONFIG, accelerator=accelerator)
+
+
+def test_several_processes_need_an_id_column():
+    debug_launcher(_needs_ids_on_every_rank, num_processes=2)
+
+
+def test_a_launch_for_several_processes_running_as_one_is_refused(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(RuntimeError, match="launched for 2 processes but runs as one"):
+        Ranks(None)
