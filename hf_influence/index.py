@@ -28,6 +28,7 @@ from . import __version__
 from .compression import COMPRESSIONS, Stored, make_compressor
 from .curvature.layers import find_layers, layer_kind
 from .data import dataset_length, iter_example_batches
+from .distributed import Ranks
 from .files import atomic_write, read_config
 from .gradients import per_example_gradients
 from .measurements import Loss
@@ -205,11 +206,19 @@ def build_index(
     dataset: Iterable[dict[str, Any]],
     config: IndexConfig | None = None,
     output_dir: str | os.PathLike | None = None,
+    accelerator: Any = None,
 ) -> GradientIndex:
     """Compute every training example's loss gradient (K draws, the task's augmentation), compress
     it and write shards to `output_dir` (a temporary folder when None). Re-running with the same
-    `output_dir` after an interruption resumes after the last finished shard."""
+    `output_dir` after an interruption resumes after the last finished shard.
+
+    With an `accelerate.Accelerator` of several processes (and a shared `output_dir`), each rank
+    indexes its part of the data and the main process merges the parts in example-id order.
+    """
     config = config or IndexConfig()
+    ranks = Ranks(accelerator)
+    if output_dir is None and ranks.world > 1:
+        raise ValueError("Building an index with several processes needs an output_dir that every process shares.")
     directory = Path(output_dir) if output_dir is not None else Path(tempfile.mkdtemp(prefix="hf_influence_index_"))
     directory.mkdir(parents=True, exist_ok=True)
     layers = find_layers(task.denoiser, config.module_filter)
@@ -227,23 +236,35 @@ def build_index(
         "model": {"fingerprint": task.fingerprint(), "denoiser": type(task.denoiser).__name__},
         "dataset": _dataset_info(dataset, config.id_column),
     }
-    shards = _resume_state(directory, metadata)
+    if ranks.is_main:
+        _prepare_build_state(directory, metadata, ranks.world)
+    ranks.barrier()
+    prefix = "partial-" if ranks.world == 1 else f"partial-rank{ranks.rank:03d}-"
+    shards = _partial_shards(directory, prefix)
+    part = ranks.split(dataset)
     done = sum(shard["num_examples"] for shard in shards)
-    remaining = dataset.skip(done) if done and hasattr(dataset, "skip") else itertools.islice(dataset, done, None)
-    length = dataset_length(dataset)
+    remaining = part.skip(done) if done and hasattr(part, "skip") else itertools.islice(part, done, None)
 
-    progress = tqdm(total=length, initial=done, desc="Indexing training gradients", unit="example")
+    progress = tqdm(
+        total=dataset_length(part),
+        initial=done,
+        desc="Indexing training gradients",
+        unit="example",
+        disable=not ranks.is_main,
+    )
     examples_per_pass = max(1, config.batch_size // config.num_draws)
-    batches = iter_example_batches(remaining, task, config.shard_size, config.id_column, start=done)
+    batches = iter_example_batches(
+        remaining, task, config.shard_size, config.id_column, start=done, rank_part=ranks.world > 1
+    )
     for batch in batches:
         tensors: dict[str, list[torch.Tensor]] = {}
         for start in range(0, len(batch.ids), examples_per_pass):
-            part = slice(start, start + examples_per_pass)
+            part_rows = slice(start, start + examples_per_pass)
             grads = per_example_gradients(
                 task,
                 layers,
-                batch.samples[part],
-                batch.ids[part],
+                batch.samples[part_rows],
+                batch.ids[part_rows],
                 Loss(),
                 config.num_draws,
                 config.seed,
@@ -255,10 +276,17 @@ def build_index(
             for name, (weight, bias) in grads.items():
                 for key, value in compressor.encode(name, weight.cpu(), None if bias is None else bias.cpu()).items():
                     tensors.setdefault(f"{name}.{key}", []).append(value)
-            progress.update(len(batch.ids[part]))
-        shards.append(_write_shard(directory, len(shards), batch.ids, tensors, metadata))
+            progress.update(len(batch.ids[part_rows]))
+        shards.append(_write_shard(directory / f"{prefix}{len(shards):05d}.safetensors", batch.ids, tensors, metadata))
     progress.close()
-    return _finish(directory, shards, metadata)
+    ranks.barrier()
+    if ranks.is_main:
+        if ranks.world == 1:
+            _finish(directory, shards, metadata)
+        else:
+            _merge_rank_parts(directory, ranks.world, metadata)
+    ranks.barrier()
+    return GradientIndex.from_pretrained(directory)
 
 
 def _dataset_info(dataset: Any, id_column: str) -> dict[str, Any]:
@@ -271,39 +299,73 @@ def _dataset_info(dataset: Any, id_column: str) -> dict[str, Any]:
     }
 
 
-def _resume_state(directory: Path, metadata: dict[str, Any]) -> list[dict[str, Any]]:
-    """Shards already written by an interrupted build with the same settings (an empty list otherwise)."""
-    state_path = directory / BUILD_STATE_NAME
+def _prepare_build_state(directory: Path, metadata: dict[str, Any], world: int) -> None:
+    """Record the build's settings, or check that an interrupted build used the same ones."""
     if (directory / CONFIG_NAME).is_file():
         raise FileExistsError(f"{directory} already holds a finished index; choose another output_dir.")
+    state = {"metadata": metadata, "num_processes": world}
+    state_path = directory / BUILD_STATE_NAME
     if not state_path.is_file():
-        atomic_write(state_path, lambda temp: Path(temp).write_text(json.dumps({"metadata": metadata})))
-        return []
-    state = json.loads(state_path.read_text())
-    if state["metadata"] != metadata:
+        atomic_write(state_path, lambda temp: Path(temp).write_text(json.dumps(state)))
+    elif json.loads(state_path.read_text()) != state:
         raise ValueError(
-            f"{directory} holds a partial index built with other settings, model or dataset; "
-            "resume with the same ones or choose another output_dir."
+            f"{directory} holds a partial index built with other settings, model, dataset or number of "
+            "processes; resume with the same ones or choose another output_dir."
         )
+
+
+def _partial_shards(directory: Path, prefix: str) -> list[dict[str, Any]]:
+    """This rank's shards already written by an interrupted build, in order."""
     shards = []
     for number in itertools.count():
-        path = directory / f"partial-{number:05d}.safetensors"
+        path = directory / f"{prefix}{number:05d}.safetensors"
         if not path.is_file():
-            break
+            return shards
         shards.append(_shard_record(path))
     return shards
 
 
 def _write_shard(
-    directory: Path, number: int, ids: list[Any], tensors: dict[str, list[torch.Tensor]], metadata: dict[str, Any]
+    path: Path, ids: list[Any], tensors: dict[str, list[torch.Tensor]], metadata: dict[str, Any]
 ) -> dict[str, Any]:
     if not all(isinstance(example_id, int) for example_id in ids):
         raise TypeError(f"Index ids must be integers; column {metadata['id_column']!r} holds e.g. {ids[0]!r}.")
     content = {name: torch.cat(parts).contiguous() for name, parts in tensors.items()}
     content["ids"] = torch.tensor(ids, dtype=torch.int64)
-    path = directory / f"partial-{number:05d}.safetensors"
     atomic_write(path, lambda temp: save_file(content, temp))
     return _shard_record(path)
+
+
+def _merge_rank_parts(directory: Path, world: int, metadata: dict[str, Any]) -> None:
+    """Rewrite the ranks' partial shards as one index in example-id order, a shard at a time."""
+    parts = [record for rank in range(world) for record in _partial_shards(directory, f"partial-rank{rank:03d}-")]
+    if not parts:
+        raise ValueError("The dataset is empty: there are no training examples to index.")
+    part_ids = []
+    for record in parts:
+        with safe_open(directory / record["file"], framework="pt") as handle:
+            part_ids.append(handle.get_tensor("ids"))
+    sources = torch.cat([torch.full((len(ids),), number) for number, ids in enumerate(part_ids)])
+    rows = torch.cat([torch.arange(len(ids)) for ids in part_ids])
+    order = torch.cat(part_ids).argsort(stable=True)
+    shard_size = metadata["shard_size"]
+    shards, loaded = [], {}
+    for number, start in enumerate(range(0, len(order), shard_size)):
+        selected = order[start : start + shard_size]
+        content: dict[str, torch.Tensor] = {}
+        for source in sources[selected].unique().tolist():
+            if source not in loaded:
+                loaded = {source: load((directory / parts[source]["file"]).read_bytes())}  # one part in memory
+            mask = sources[selected] == source
+            for name, value in loaded[source].items():
+                content.setdefault(name, torch.empty((len(selected), *value.shape[1:]), dtype=value.dtype))
+                content[name][mask] = value[rows[selected][mask]]
+        path = directory / f"partial-{number:05d}.safetensors"
+        atomic_write(path, lambda temp, content=content: save_file(content, temp))
+        shards.append(_shard_record(path))
+    for record in parts:
+        (directory / record["file"]).unlink()
+    _finish(directory, shards, metadata)
 
 
 def _shard_record(path: Path) -> dict[str, Any]:

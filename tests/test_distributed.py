@@ -60,6 +60,28 @@ def test_two_processes_fit_the_factors_of_one(tmp_path, streaming):
         torch.testing.assert_close(actual, expected, rtol=tolerance, atol=tolerance * expected.abs().max().item())
 
 
+def _index_on_every_rank(output_dir: str) -> None:
+    torch.set_num_threads(1)
+    dataset = mnist_dataset(EXAMPLES, 8).to_iterable_dataset(num_shards=3)
+    config = hfi.IndexConfig(num_draws=2, shard_size=4)
+    hfi.build_index(_task(), dataset, config, output_dir=output_dir, accelerator=Accelerator(cpu=True))
+
+
+def test_two_processes_build_the_index_of_one(tmp_path):
+    debug_launcher(_index_on_every_rank, args=(str(tmp_path / "two"),), num_processes=2)
+    config = hfi.IndexConfig(num_draws=2, shard_size=4)
+    single = hfi.build_index(_task(), mnist_dataset(EXAMPLES, 8), config, output_dir=tmp_path / "one")
+    merged = hfi.GradientIndex.from_pretrained(tmp_path / "two")
+    assert sorted(path.name for path in (tmp_path / "two").iterdir()) == sorted(
+        path.name for path in (tmp_path / "one").iterdir()
+    )
+    for (ids_one, shard_one), (ids_two, shard_two) in zip(single.iter_shards(), merged.iter_shards(), strict=True):
+        assert torch.equal(ids_one, ids_two)
+        for module, stored in shard_one.items():
+            for key, value in stored.items():
+                torch.testing.assert_close(shard_two[module][key], value, rtol=1e-10, atol=1e-12)
+
+
 def _needs_ids_on_every_rank() -> None:
     accelerator = Accelerator(cpu=True)
     with pytest.raises(KeyError, match="stable ids"):
