@@ -16,6 +16,7 @@ from .measurements import (
     get_measurement,
 )
 from .task import DiffusionTask
+from .training import TrainConfig, train_ddpm
 
 __all__ = [
     "AttributionResult",
@@ -30,10 +31,12 @@ __all__ = [
     "Measurement",
     "SimplifiedELBO",
     "SquareNorm",
+    "TrainConfig",
     "WeightedLoss",
     "__version__",
     "build_index",
     "fit_factors",
     "get_measurement",
     "pairwise_scores",
+    "train_ddpm",
 ]

@@ -1,0 +1,24 @@
+"""Open a training set from wherever it lives: a Hub id, a local folder (imagefolder, parquet, ...),
+a parquet file, or a folder written by `Dataset.save_to_disk` (which `load_dataset` cannot read)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+
+def load_training_dataset(path_or_id: str, split: str = "train", streaming: bool = False) -> Any:
+    """One split of a dataset, as a `datasets.Dataset` (or an `IterableDataset` with `streaming=True`)."""
+    import datasets
+
+    path = Path(path_or_id)
+    if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():
+        saved = datasets.load_from_disk(str(path))
+        if isinstance(saved, datasets.DatasetDict):
+            if split not in saved:
+                raise KeyError(f"{path} has no split {split!r}; its splits are {sorted(saved)}.")
+            saved = saved[split]
+        return saved.to_iterable_dataset() if streaming else saved
+    if path.is_file() and path.suffix == ".parquet":
+        return datasets.load_dataset("parquet", data_files=str(path), split=split, streaming=streaming)
+    return datasets.load_dataset(path_or_id, split=split, streaming=streaming)
