@@ -8,12 +8,17 @@ on the batch size or on the order of the data.
 
 from __future__ import annotations
 
+import itertools
+import json
 import math
+import os
 from collections.abc import Iterable, Iterator
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from . import __version__
@@ -23,6 +28,7 @@ from .curvature.layers import find_layers, layer_kind
 from .data import dataset_length, draw_chunks, iter_example_batches
 from .distributed import Ranks
 from .factors import FORMAT, FORMAT_VERSION, FactorConfig, InfluenceFactors
+from .files import atomic_write
 from .task import DenoiserOutput, DiffusionTask
 
 
@@ -31,6 +37,9 @@ def fit_factors(
     dataset: Iterable[dict[str, Any]],
     config: FactorConfig | None = None,
     accelerator: Any = None,
+    checkpoint_dir: str | os.PathLike | None = None,
+    checkpoint_every: int = 100,
+    resume: bool = False,
 ) -> InfluenceFactors:
     """Fit the curvature of `task`'s denoiser on `dataset` (a `datasets` Dataset, IterableDataset or
     any iterable of rows with the task's image column).
@@ -38,43 +47,50 @@ def fit_factors(
     With an `accelerate.Accelerator` of several processes, each rank takes its part of the data,
     the statistics are summed over ranks and the eigendecompositions are shared out round-robin;
     every rank returns the same factors as a single process would (up to float rounding).
+    With `checkpoint_dir`, each rank saves its running sums every `checkpoint_every` batches;
+    `resume=True` continues an interrupted fit from there, with the same result.
     """
     config = config or FactorConfig()
     ranks = Ranks(accelerator)
     part = ranks.split(dataset)
     layers = find_layers(task.denoiser, config.module_filter)
     dtype = config.torch_dtype
+    checkpoint = None
+    if checkpoint_dir is not None:
+        checkpoint = FitCheckpoint(Path(checkpoint_dir), ranks, config, task.fingerprint(), checkpoint_every)
+    state = checkpoint.load(resume) if checkpoint is not None else None
     with task.eval_mode():
-        covariances = CovarianceAccumulator(layers, config.approx, dtype)
-        num_draws = _run_pass(task, part, config, layers, "fit", covariances, ranks, "Fitting covariances")
-        tensors: dict[str, torch.Tensor] = {}
-        activation_vectors, gradient_vectors = {}, {}
-        for position, name in enumerate(
-            tqdm(layers, desc="Eigendecomposition", leave=False, disable=not ranks.is_main)
-        ):
-            activation = ranks.sum(covariances.activation.pop(name)) / num_draws
-            gradient = ranks.sum(covariances.gradient.pop(name)) / num_draws
-            owner = ranks.owner(position)
-            (activation_values, activation_vectors[name]), (gradient_values, gradient_vectors[name]) = (
-                _shared_eigendecomposition(ranks, matrix, owner) for matrix in (activation, gradient)
+        if state is None or state.stage == "fit":
+            covariances = CovarianceAccumulator(layers, config.approx, dtype)
+            num_draws = _run_pass(
+                task, part, config, layers, "fit", covariances, ranks, "Fitting covariances", checkpoint, state
             )
-            tensors.update(
-                {
-                    f"{name}.activation_covariance": activation,
-                    f"{name}.gradient_covariance": gradient,
-                    f"{name}.activation_eigenvectors": activation_vectors[name],
-                    f"{name}.gradient_eigenvectors": gradient_vectors[name],
-                }
-            )
-            if config.strategy == "kfac":
-                tensors[f"{name}.activation_eigenvalues"] = activation_values
-                tensors[f"{name}.gradient_eigenvalues"] = gradient_values
-                if layers[name].bias is not None:
-                    tensors[f"{name}.bias_eigenvalues"] = gradient_values.clone()  # own memory for safetensors
+            tensors = _eigendecompositions(covariances, num_draws, layers, config, ranks)
+            if checkpoint is not None:
+                checkpoint.save(PassState("correction", fit_draws=num_draws), tensors)
+            state = None
+        else:
+            tensors, num_draws = state.tensors, state.fit_draws
         if config.strategy == "ekfac":
-            correction = EigenvalueCorrectionAccumulator(layers, activation_vectors, gradient_vectors, dtype)
+            correction = EigenvalueCorrectionAccumulator(
+                layers,
+                {name: tensors[f"{name}.activation_eigenvectors"] for name in layers},
+                {name: tensors[f"{name}.gradient_eigenvectors"] for name in layers},
+                dtype,
+            )
             correction_draws = _run_pass(
-                task, part, config, layers, "correction", correction, ranks, "Eigenvalue correction"
+                task,
+                part,
+                config,
+                layers,
+                "correction",
+                correction,
+                ranks,
+                "Eigenvalue correction",
+                checkpoint,
+                state,
+                finished=tensors,
+                fit_draws=num_draws,
             )
             for name in layers:
                 tensors[f"{name}.eigenvalues"] = ranks.sum(correction.weight[name]) / correction_draws
@@ -92,6 +108,35 @@ def fit_factors(
         "model": {"fingerprint": task.fingerprint(), "denoiser": type(task.denoiser).__name__},
     }
     return InfluenceFactors(metadata, {name: value.to("cpu") for name, value in tensors.items()})
+
+
+def _eigendecompositions(
+    covariances: CovarianceAccumulator, num_draws: int, layers: dict, config: FactorConfig, ranks: Ranks
+) -> dict[str, torch.Tensor]:
+    """Normalised covariances summed over ranks, and their eigendecompositions shared out round-robin."""
+    tensors: dict[str, torch.Tensor] = {}
+    progress = tqdm(layers, desc="Eigendecomposition", leave=False, disable=not ranks.is_main)
+    for position, name in enumerate(progress):
+        activation = ranks.sum(covariances.activation.pop(name)) / num_draws
+        gradient = ranks.sum(covariances.gradient.pop(name)) / num_draws
+        owner = ranks.owner(position)
+        (activation_values, activation_vectors), (gradient_values, gradient_vectors) = (
+            _shared_eigendecomposition(ranks, matrix, owner) for matrix in (activation, gradient)
+        )
+        tensors.update(
+            {
+                f"{name}.activation_covariance": activation,
+                f"{name}.gradient_covariance": gradient,
+                f"{name}.activation_eigenvectors": activation_vectors,
+                f"{name}.gradient_eigenvectors": gradient_vectors,
+            }
+        )
+        if config.strategy == "kfac":
+            tensors[f"{name}.activation_eigenvalues"] = activation_values
+            tensors[f"{name}.gradient_eigenvalues"] = gradient_values
+            if layers[name].bias is not None:
+                tensors[f"{name}.bias_eigenvalues"] = gradient_values.clone()  # own memory for safetensors
+    return tensors
 
 
 def _shared_eigendecomposition(ranks: Ranks, matrix: torch.Tensor, owner: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -112,25 +157,36 @@ def _run_pass(
     accumulator: Any,
     ranks: Ranks,
     description: str,
+    checkpoint: FitCheckpoint | None = None,
+    state: PassState | None = None,
+    finished: dict[str, torch.Tensor] | None = None,
+    fit_draws: int = 0,
 ) -> int:
     """One sweep over this rank's data with `draws_per_example` draws per example; returns the number of
-    draws of all ranks together."""
+    draws of all ranks together. Resumes from `state` (this pass's sums so far) and saves the running
+    sums (with the `finished` tensors and `fit_draws` of the covariance pass) to `checkpoint` as it goes."""
     draws_per_example = config.draws_per_example
     examples_per_batch = max(1, config.batch_size // draws_per_example)
+    examples, num_draws = (state.examples, state.draws) if state is not None else (0, 0)
+    if state is not None and examples > 0:
+        accumulator.load_state_dict(state.tensors)
+        dataset = dataset.skip(examples) if hasattr(dataset, "skip") else itertools.islice(dataset, examples, None)
     length = dataset_length(dataset)
     total_batches = math.ceil(length / examples_per_batch) if length else None
-    num_draws = 0
     on_forward = getattr(accumulator, "on_forward", None)
     with (
         torch.enable_grad(),
         LayerCapture(layers, on_forward=on_forward, on_backward=accumulator.on_backward) as capture,
     ):
-        batches = iter_example_batches(dataset, task, examples_per_batch, config.id_column, rank_part=ranks.world > 1)
-        for batch in tqdm(batches, total=total_batches, desc=description, unit="batch", disable=not ranks.is_main):
-            for examples, draw_rows in draw_chunks(len(batch.ids), draws_per_example, config.batch_size):
+        batches = iter_example_batches(
+            dataset, task, examples_per_batch, config.id_column, start=examples, rank_part=ranks.world > 1
+        )
+        progress = tqdm(batches, total=total_batches, desc=description, unit="batch", disable=not ranks.is_main)
+        for number, batch in enumerate(progress, start=1):
+            for rows, draw_rows in draw_chunks(len(batch.ids), draws_per_example, config.batch_size):
                 output, draws = task.run(
-                    batch.samples[examples],
-                    batch.ids[examples],
+                    batch.samples[rows],
+                    batch.ids[rows],
                     draws_per_example,
                     draw_rows,
                     config.seed,
@@ -140,10 +196,69 @@ def _run_pass(
                 for value, last in _backpropagated_values(task, output, draws.probe, config):
                     capture.backward(value, retain_graph=not last)
                 num_draws += len(draws)
+            examples += len(batch.ids)
+            if checkpoint is not None and number % checkpoint.every == 0:
+                sums = accumulator.state_dict() | (finished or {})
+                checkpoint.save(PassState(stream, examples, num_draws, fit_draws), sums)
     num_draws = int(ranks.sum(torch.tensor(num_draws, device=task.device)).item())
     if num_draws == 0:
         raise ValueError("The dataset is empty: there are no training examples to attribute to.")
     return num_draws
+
+
+@dataclass
+class PassState:
+    """Where a fit stands: the pass, this rank's examples and draws done in it, and (for the
+    correction pass) the draws of the finished covariance pass. `tensors` are the saved sums."""
+
+    stage: str
+    examples: int = 0
+    draws: int = 0
+    fit_draws: int = 0
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+class FitCheckpoint:
+    """One rank's checkpoint of a fit: its running sums (safetensors) and its position (JSON)."""
+
+    def __init__(self, directory: Path, ranks: Ranks, config: FactorConfig, fingerprint: str, every: int) -> None:
+        if every < 1:
+            raise ValueError(f"checkpoint_every must be at least 1 batch, got {every}.")
+        directory.mkdir(parents=True, exist_ok=True)
+        self.directory = directory
+        self.every = every
+        self.prefix = f"rank-{ranks.rank:03d}"
+        self.state_path = directory / f"{self.prefix}.json"
+        self.identity = {"config": asdict(config), "fingerprint": fingerprint, "num_processes": ranks.world}
+
+    def load(self, resume: bool) -> PassState | None:
+        if not self.state_path.is_file():
+            return None
+        if not resume:
+            raise FileExistsError(
+                f"{self.directory} holds a checkpoint of an earlier fit: pass resume=True to continue it, "
+                "or choose another checkpoint_dir."
+            )
+        saved = json.loads(self.state_path.read_text())
+        if saved["identity"] != self.identity:
+            raise ValueError(
+                f"The checkpoint in {self.directory} is of a fit with other settings, model or number of "
+                "processes; resume with the same ones."
+            )
+        return PassState(**saved["position"], tensors=load_file(self.directory / saved["tensors"]))
+
+    def save(self, state: PassState, tensors: dict[str, torch.Tensor]) -> None:
+        """Write the sums to a new file, then the position naming it, then drop the older sums: a
+        crash at any point leaves a position and the sums it names."""
+        previous = json.loads(self.state_path.read_text())["tensors"] if self.state_path.is_file() else None
+        name = f"{self.prefix}-{state.stage}-{state.examples:012d}.safetensors"
+        content = {key: value.detach().cpu().contiguous() for key, value in tensors.items()}
+        atomic_write(self.directory / name, lambda temp: save_file(content, temp))
+        position = {key: getattr(state, key) for key in ("stage", "examples", "draws", "fit_draws")}
+        text = json.dumps({"identity": self.identity, "position": position, "tensors": name})
+        atomic_write(self.state_path, lambda temp: Path(temp).write_text(text))
+        if previous is not None and previous != name:
+            (self.directory / previous).unlink(missing_ok=True)
 
 
 def _backpropagated_values(

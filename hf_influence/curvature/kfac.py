@@ -34,6 +34,13 @@ class CovarianceAccumulator:
         self.activation = {name: _zeros(layers[name], (d_in, d_in), dtype) for name, (_, d_in) in shapes.items()}
         self.gradient = {name: _zeros(layers[name], (d_out, d_out), dtype) for name, (d_out, _) in shapes.items()}
 
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The running sums, for checkpoints."""
+        return _prefixed(activation=self.activation, gradient=self.gradient)
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        _load_prefixed(state, activation=self.activation, gradient=self.gradient)
+
     def on_forward(self, name: str, module: nn.Module, kind: type[LayerKind], inputs: torch.Tensor) -> None:
         a = kind.activations(module, inputs).to(self.dtype)
         if self.approx == "expand":
@@ -71,6 +78,13 @@ class EigenvalueCorrectionAccumulator:
             for name, (d_out, _) in shapes.items()
             if layers[name].bias is not None
         }
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The running sums, for checkpoints."""
+        return _prefixed(weight=self.weight, bias=self.bias)
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        _load_prefixed(state, weight=self.weight, bias=self.bias)
 
     def on_backward(
         self, name: str, module: nn.Module, kind: type[LayerKind], inputs: torch.Tensor, grad: torch.Tensor
@@ -114,3 +128,13 @@ def _shapes(layers: dict[str, nn.Module]) -> dict[str, tuple[int, int]]:
 
 def _zeros(module: nn.Module, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     return torch.zeros(shape, dtype=dtype, device=module.weight.device)
+
+
+def _prefixed(**stores: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {f"{kind}/{name}": value for kind, store in stores.items() for name, value in store.items()}
+
+
+def _load_prefixed(state: dict[str, torch.Tensor], **stores: dict[str, torch.Tensor]) -> None:
+    for kind, store in stores.items():
+        for name in store:
+            store[name].copy_(state[f"{kind}/{name}"])
