@@ -1,0 +1,328 @@
+"""The `hf-influence` command line: `train-ddpm`, `fit-factors`, `build-index` and `attribute`.
+
+Each subcommand is also a script in `scripts/` (runnable with `python` or `accelerate launch`);
+both call the functions here, so the options and behaviour are the same either way.
+
+    hf-influence fit-factors --pipeline ddpm --dataset digits --output-dir factors
+    accelerate launch scripts/build_index.py --pipeline ddpm --dataset digits --output-dir index
+    hf-influence attribute --pipeline ddpm --factors factors --index index --dataset digits --generate 4
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import inspect
+import json
+import math
+import re
+import typing
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+PIPELINE_TRAINING_CONFIG = "training_config.json"  # written by train_ddpm beside the pipeline
+GRID_CELL = 64  # smallest displayed image side in attribution grids, in pixels
+
+
+# ---------------------------------------------------------------------------- shared helpers
+
+
+def field_help(config_class: type) -> dict[str, str]:
+    """Each field's description from the "Attributes:" section of the class docstring."""
+    attributes = inspect.cleandoc(config_class.__doc__ or "").partition("Attributes:")[2].strip()
+    entries = re.split(r"\n    (?=\w+:)", attributes)
+    return {name.strip(): " ".join(text.split()) for name, _, text in (entry.partition(":") for entry in entries)}
+
+
+def add_config_options(parser: argparse.ArgumentParser, config_class: type) -> None:
+    """One `--option` per field of a config dataclass, typed from its annotation, so a new field
+    reaches the command line without touching this module."""
+    helps = field_help(config_class)
+    hints = typing.get_type_hints(config_class)
+    group = parser.add_argument_group(f"{config_class.__name__} fields")
+    for field in dataclasses.fields(config_class):
+        default = field.default
+        described = helps.get(field.name, f"see {config_class.__name__}.{field.name}")
+        kwargs: dict[str, Any] = {"default": default, "help": f"{described} (default: {default})"}
+        hint = hints[field.name]
+        if hint is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif typing.get_origin(hint) is tuple:
+            kwargs.update(nargs="+", type=typing.get_args(hint)[0])
+        else:
+            kwargs["type"] = next((arg for arg in typing.get_args(hint) if arg is not type(None)), hint)
+        group.add_argument("--" + field.name.replace("_", "-"), **kwargs)
+
+
+def config_from_args(args: argparse.Namespace, config_class: type) -> Any:
+    return config_class(**{field.name: getattr(args, field.name) for field in dataclasses.fields(config_class)})
+
+
+def add_data_arguments(parser: argparse.ArgumentParser) -> None:
+    """The pipeline and training-set options that fitting, indexing and attribution share."""
+    parser.add_argument("--pipeline", required=True, help="saved diffusers pipeline folder or Hub id")
+    parser.add_argument("--dataset", required=True, help="training set: Hub id, local folder or parquet file")
+    parser.add_argument("--split", default="train")
+    parser.add_argument("--streaming", action="store_true", help="stream the dataset instead of loading it")
+    parser.add_argument(
+        "--image-column",
+        default=None,
+        help=f"dataset column with the images (default: the pipeline's {PIPELINE_TRAINING_CONFIG}, else 'image')",
+    )
+    parser.add_argument(
+        "--random-flip",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="whether training flipped images at random; must match training "
+        f"(default: the pipeline's {PIPELINE_TRAINING_CONFIG}, else off)",
+    )
+
+
+def training_setting(pipeline: str, name: str, given: Any, fallback: Any) -> Any:
+    """An explicit option, else what train_ddpm recorded beside the pipeline, else `fallback`:
+    the task must see the data as training did (column, flips) or the curvature is of another loss."""
+    if given is not None:
+        return given
+    recorded = Path(pipeline) / PIPELINE_TRAINING_CONFIG
+    if recorded.is_file():
+        return json.loads(recorded.read_text()).get(name, fallback)
+    return fallback
+
+
+def load_pipeline(args: argparse.Namespace, device: Any) -> tuple[Any, Any]:
+    """The `--pipeline` on `device` and its DiffusionTask, reading the data as training did."""
+    from diffusers import DiffusionPipeline
+
+    from .task import DiffusionTask
+
+    pipeline = DiffusionPipeline.from_pretrained(args.pipeline).to(device)
+    return pipeline, DiffusionTask.from_pipeline(
+        pipeline,
+        image_column=training_setting(args.pipeline, "image_column", args.image_column, "image"),
+        random_flip=training_setting(args.pipeline, "random_flip", args.random_flip, False),
+    )
+
+
+def load_dataset(args: argparse.Namespace) -> Any:
+    from .datasets_io import load_training_dataset
+
+    return load_training_dataset(args.dataset, args.split, args.streaming)
+
+
+# ---------------------------------------------------------------------------- train-ddpm
+
+
+def add_train_ddpm_arguments(parser: argparse.ArgumentParser) -> None:
+    from .training import TrainConfig
+
+    parser.add_argument("dataset", help="Hub id, local folder or parquet file of the training images")
+    parser.add_argument("--split", default="train")
+    parser.add_argument("--streaming", action="store_true", help="stream the dataset instead of loading it")
+    parser.add_argument("--output-dir", required=True, help="where the pipeline and checkpoints go")
+    parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --output-dir")
+    add_config_options(parser, TrainConfig)
+
+
+def run_train_ddpm(args: argparse.Namespace) -> None:
+    """Train an unconditional DDPM on a dataset's images and save the DDPMPipeline (EMA weights)."""
+    from accelerate import Accelerator
+
+    from .training import TrainConfig, train_ddpm
+
+    config = config_from_args(args, TrainConfig)
+    accelerator = Accelerator(mixed_precision=config.mixed_precision)
+    train_ddpm(load_dataset(args), config, args.output_dir, accelerator=accelerator, resume=args.resume)
+    if accelerator.is_main_process:
+        print(f"Saved the DDPMPipeline to {args.output_dir}")
+
+
+# ---------------------------------------------------------------------------- fit-factors
+
+
+def add_fit_factors_arguments(parser: argparse.ArgumentParser) -> None:
+    from .factors import FactorConfig
+
+    add_data_arguments(parser)
+    parser.add_argument("--output-dir", required=True, help="where the factors are saved")
+    add_config_options(parser, FactorConfig)
+
+
+def run_fit_factors(args: argparse.Namespace) -> None:
+    """Fit K-FAC / EK-FAC factors of the pipeline's denoiser on the training set and save them."""
+    from accelerate import Accelerator
+
+    from .factors import FactorConfig
+    from .fitting import fit_factors
+
+    config = config_from_args(args, FactorConfig)
+    accelerator = Accelerator()
+    _, task = load_pipeline(args, accelerator.device)
+    factors = fit_factors(task, load_dataset(args), config, accelerator=accelerator)
+    if accelerator.is_main_process:
+        factors.save_pretrained(args.output_dir)
+        print(f"Saved {factors.strategy} factors of {len(factors.modules)} layers to {args.output_dir}")
+    accelerator.wait_for_everyone()
+
+
+# ---------------------------------------------------------------------------- build-index
+
+
+def add_build_index_arguments(parser: argparse.ArgumentParser) -> None:
+    from .index import IndexConfig
+
+    add_data_arguments(parser)
+    parser.add_argument("--output-dir", required=True, help="where the index shards are written (resumable)")
+    add_config_options(parser, IndexConfig)
+
+
+def run_build_index(args: argparse.Namespace) -> None:
+    """Compute and store every training example's compressed loss gradient."""
+    from accelerate import Accelerator
+
+    from .index import IndexConfig, build_index
+
+    config = config_from_args(args, IndexConfig)
+    accelerator = Accelerator()
+    _, task = load_pipeline(args, accelerator.device)
+    index = build_index(task, load_dataset(args), config, args.output_dir, accelerator=accelerator)
+    if accelerator.is_main_process:
+        print(f"Indexed {len(index)} examples in {args.output_dir}")
+
+
+# ---------------------------------------------------------------------------- attribute
+
+
+def add_attribute_arguments(parser: argparse.ArgumentParser) -> None:
+    from .attribution import DEFAULT_DAMPING
+    from .measurements import MEASUREMENTS
+
+    add_data_arguments(parser)
+    parser.add_argument("--factors", required=True, help="folder of fitted factors (fit-factors --output-dir)")
+    parser.add_argument("--index", required=True, help="folder of the gradient index (build-index --output-dir)")
+    parser.add_argument("--label-column", default="label", help="dataset column printed beside each id, if present")
+    parser.add_argument("--id-column", default="id", help="dataset column with the ids the index was built with")
+    queries = parser.add_mutually_exclusive_group(required=True)
+    queries.add_argument("--image", nargs="+", metavar="FILE", help="query images (PNG files)")
+    queries.add_argument("--generate", type=int, metavar="N", help="generate N query images with the pipeline")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the generated images and the query draws")
+    parser.add_argument("--num-inference-steps", type=int, default=50, help="sampling steps for --generate")
+    parser.add_argument("--measurement", default="loss", choices=sorted(MEASUREMENTS))
+    parser.add_argument("--damping", type=float, default=DEFAULT_DAMPING, help="λ added to the curvature")
+    parser.add_argument("--top-k", type=int, default=8, help="proponents and opponents shown per query")
+    parser.add_argument("--num-draws", type=int, default=None, help="query draws (default: the index's K)")
+    parser.add_argument("--output-dir", required=True, help="where attribution.json and the PNG grids go")
+
+
+def query_images(args: argparse.Namespace, pipeline: Any) -> tuple[list[Any], list[str]]:
+    """The query images and where each came from (a file, or the generation seed and position)."""
+    import torch
+    from PIL import Image
+
+    if args.image:
+        missing = [path for path in args.image if not Path(path).is_file()]
+        if missing:
+            raise FileNotFoundError(f"Query images not found: {missing}")
+        return [Image.open(path) for path in args.image], list(args.image)
+    if args.generate < 1:
+        raise ValueError(f"--generate must be at least 1, got {args.generate}.")
+    generator = torch.Generator(device="cpu").manual_seed(args.seed)
+    images = pipeline(
+        batch_size=args.generate, generator=generator, num_inference_steps=args.num_inference_steps, output_type="pil"
+    ).images
+    return images, [f"generated seed={args.seed} #{position}" for position in range(args.generate)]
+
+
+def attribution_grid(query: Any, proponents: Sequence[Any], opponents: Sequence[Any]) -> Any:
+    """Three rows of `len(proponents)` cells: the query, its proponents, its opponents; small images
+    are scaled up by a whole factor (nearest neighbour) so single pixels stay visible."""
+    from PIL import Image
+
+    side = max(query.size)
+    cell = side * max(1, math.ceil(GRID_CELL / side))
+    columns = max(1, len(proponents), len(opponents))
+    grid = Image.new("RGB", (columns * cell, 3 * cell), "white")
+    for row, images in enumerate(([query], proponents, opponents)):
+        for column, image in enumerate(images):
+            grid.paste(image.convert("RGB").resize((cell, cell), Image.NEAREST), (column * cell, row * cell))
+    return grid
+
+
+def run_attribute(args: argparse.Namespace) -> None:
+    """Score query images against the index and show each one's top proponents and opponents."""
+    from accelerate import Accelerator
+
+    from .attribution import Attributor
+    from .factors import InfluenceFactors
+    from .index import GradientIndex
+
+    if args.top_k < 1:
+        raise ValueError(f"--top-k must be at least 1, got {args.top_k}.")
+    pipeline, task = load_pipeline(args, Accelerator().device)
+    dataset = load_dataset(args)
+    factors = InfluenceFactors.from_pretrained(args.factors, task=task)
+    attributor = Attributor(task, factors, GradientIndex.from_pretrained(args.index), damping=args.damping)
+    images, sources = query_images(args, pipeline)
+    result = attributor.attribute(
+        images, measurement=args.measurement, top_k=args.top_k, num_draws=args.num_draws, seed=args.seed
+    )
+    output_dir = Path(args.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    records = []
+    for query, (image, source) in enumerate(zip(images, sources, strict=True)):
+        rows = {which: result.rows(dataset, query, which, args.id_column) for which in ("proponents", "opponents")}
+        ids = {"proponents": result.proponent_ids[query], "opponents": result.opponent_ids[query]}
+        scores = {"proponents": result.proponent_scores[query], "opponents": result.opponent_scores[query]}
+        print(f"Query {query} ({source}):")
+        for which in ("proponents", "opponents"):
+            print(f"  {which}:")
+            for row, example_id, score in zip(rows[which], ids[which].tolist(), scores[which].tolist(), strict=True):
+                label = f"  label={row[args.label_column]}" if args.label_column in row else ""
+                print(f"    id={example_id:<8} score={score: .6e}{label}")
+        grid_name = f"query_{query}.png"
+        columns = [[row[task.image_column] for row in rows[which]] for which in ("proponents", "opponents")]
+        attribution_grid(image, *columns).save(output_dir / grid_name)
+        records.append(
+            {
+                "query": source,
+                "grid": grid_name,
+                **{which: {"ids": ids[which].tolist(), "scores": scores[which].tolist()} for which in ids},
+            }
+        )
+    summary = {"measurement": args.measurement, "damping": args.damping, "top_k": args.top_k, "queries": records}
+    (output_dir / "attribution.json").write_text(json.dumps(summary, indent=2))
+    print(f"Saved attribution.json and {len(records)} grids to {output_dir}")
+
+
+# ---------------------------------------------------------------------------- entry points
+
+COMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], None]]] = {
+    "train-ddpm": (add_train_ddpm_arguments, run_train_ddpm),
+    "fit-factors": (add_fit_factors_arguments, run_fit_factors),
+    "build-index": (add_build_index_arguments, run_build_index),
+    "attribute": (add_attribute_arguments, run_attribute),
+}
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """`hf-influence SUBCOMMAND ...`: one subcommand per script in scripts/."""
+    parser = argparse.ArgumentParser(
+        prog="hf-influence", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (add_arguments, run) in COMMANDS.items():
+        add_arguments(subparsers.add_parser(name, help=run.__doc__, description=run.__doc__))
+    args = parser.parse_args(argv)
+    COMMANDS[args.command][1](args)
+
+
+def run_script(command: str, description: str | None, argv: Sequence[str] | None = None) -> None:
+    """What a script in scripts/ runs: one subcommand's options at top level, under the script's docstring."""
+    add_arguments, run = COMMANDS[command]
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser)
+    run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()
