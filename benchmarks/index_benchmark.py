@@ -19,7 +19,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from diffusers import DDPMScheduler, UNet2DModel
+from diffusers import DDPMScheduler
+from models import benchmark_unet
 from safetensors.torch import save_file
 from scipy.stats import spearmanr
 
@@ -33,20 +34,6 @@ COMPRESSIONS = {
     "svd-1+8bit": dict(compression="svd", rank=1, quantize_bits=8),
     "svd-2+8bit": dict(compression="svd", rank=2, quantize_bits=8),
 }
-
-
-def benchmark_unet() -> UNet2DModel:
-    torch.manual_seed(0)
-    return UNet2DModel(
-        sample_size=32,
-        in_channels=1,
-        out_channels=1,
-        block_out_channels=(32, 64, 64),
-        layers_per_block=1,
-        down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
-        norm_num_groups=8,
-    )
 
 
 def mean_spearman(scores: torch.Tensor, exact: torch.Tensor) -> float:

@@ -55,6 +55,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from models import benchmark_unet
 
 RESULTS = Path(__file__).resolve().parent / "results" / "kronfluence_comparison.json"
 SIZE = 32
@@ -83,23 +84,11 @@ def digits(num_examples: int) -> tuple[np.ndarray, np.ndarray, list[int], list[i
 
 
 def build_task() -> Any:
-    import torch
-    from diffusers import DDPMScheduler, UNet2DModel
+    from diffusers import DDPMScheduler
 
     import hf_influence as hfi
 
-    torch.manual_seed(0)
-    unet = UNet2DModel(
-        sample_size=SIZE,
-        in_channels=1,
-        out_channels=1,
-        block_out_channels=(32, 64, 64),
-        layers_per_block=1,
-        down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
-        norm_num_groups=8,
-    )
-    return hfi.DiffusionTask(unet, DDPMScheduler())
+    return hfi.DiffusionTask(benchmark_unet(), DDPMScheduler())
 
 
 def warm_up(task: Any) -> None:
@@ -189,10 +178,10 @@ def run_hf(args: argparse.Namespace, meter: Meter) -> tuple[Any, dict[str, Any]]
     # wrapping its (private) pass function from outside; the library code itself is untouched.
     original_run_pass = fitting._run_pass
 
-    def timed_run_pass(task, dataset, config, layers, stream, *rest):
+    def timed_run_pass(task, dataset, config, layers, stream, *rest, **options):
         if stream == "correction":
             meter.switch("eigenvalue_correction")
-        result = original_run_pass(task, dataset, config, layers, stream, *rest)
+        result = original_run_pass(task, dataset, config, layers, stream, *rest, **options)
         if stream == "fit":
             meter.switch("eigendecomposition")
         else:

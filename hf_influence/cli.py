@@ -145,6 +145,9 @@ def add_fit_factors_arguments(parser: argparse.ArgumentParser) -> None:
 
     add_data_arguments(parser)
     parser.add_argument("--output-dir", required=True, help="where the factors are saved")
+    parser.add_argument("--checkpoint-dir", help="save each process's running sums here, to resume after a crash")
+    parser.add_argument("--checkpoint-every", type=int, default=100, help="batches between checkpoints")
+    parser.add_argument("--resume", action="store_true", help="continue the fit checkpointed in --checkpoint-dir")
     add_config_options(parser, FactorConfig)
 
 
@@ -158,7 +161,15 @@ def run_fit_factors(args: argparse.Namespace) -> None:
     config = config_from_args(args, FactorConfig)
     accelerator = Accelerator()
     _, task = load_pipeline(args, accelerator.device)
-    factors = fit_factors(task, load_dataset(args), config, accelerator=accelerator)
+    factors = fit_factors(
+        task,
+        load_dataset(args),
+        config,
+        accelerator=accelerator,
+        checkpoint_dir=args.checkpoint_dir,
+        checkpoint_every=args.checkpoint_every,
+        resume=args.resume,
+    )
     if accelerator.is_main_process:
         factors.save_pretrained(args.output_dir)
         print(f"Saved {factors.strategy} factors of {len(factors.modules)} layers to {args.output_dir}")

