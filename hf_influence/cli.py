@@ -269,7 +269,10 @@ def run_attribute(args: argparse.Namespace) -> None:
 
     if args.top_k < 1:
         raise ValueError(f"--top-k must be at least 1, got {args.top_k}.")
-    pipeline, task = load_pipeline(args, Accelerator().device)
+    accelerator = Accelerator()
+    if not accelerator.is_main_process:  # a query is one process's work; the others would race on the outputs
+        return
+    pipeline, task = load_pipeline(args, accelerator.device)
     dataset = load_dataset(args)
     factors = InfluenceFactors.from_pretrained(args.factors, task=task)
     attributor = Attributor(task, factors, GradientIndex.from_pretrained(args.index), damping=args.damping)

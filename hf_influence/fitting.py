@@ -67,10 +67,10 @@ def fit_factors(
             )
             tensors = _eigendecompositions(covariances, num_draws, layers, config, ranks)
             if checkpoint is not None:
-                checkpoint.save(PassState("correction", fit_draws=num_draws), tensors)
+                checkpoint.save(PassState("correction", fit_draws=num_draws, finished=tensors))
             state = None
         else:
-            tensors, num_draws = state.tensors, state.fit_draws
+            tensors, num_draws = dict(state.finished), state.fit_draws
         if config.strategy == "ekfac":
             correction = EigenvalueCorrectionAccumulator(
                 layers,
@@ -169,7 +169,7 @@ def _run_pass(
     examples_per_batch = max(1, config.batch_size // draws_per_example)
     examples, num_draws = (state.examples, state.draws) if state is not None else (0, 0)
     if state is not None and examples > 0:
-        accumulator.load_state_dict(state.tensors)
+        accumulator.load_state_dict(state.sums)
         dataset = dataset.skip(examples) if hasattr(dataset, "skip") else itertools.islice(dataset, examples, None)
     length = dataset_length(dataset)
     total_batches = math.ceil(length / examples_per_batch) if length else None
@@ -198,8 +198,8 @@ def _run_pass(
                 num_draws += len(draws)
             examples += len(batch.ids)
             if checkpoint is not None and number % checkpoint.every == 0:
-                sums = accumulator.state_dict() | (finished or {})
-                checkpoint.save(PassState(stream, examples, num_draws, fit_draws), sums)
+                position = PassState(stream, examples, num_draws, fit_draws, accumulator.state_dict(), finished or {})
+                checkpoint.save(position)
     num_draws = int(ranks.sum(torch.tensor(num_draws, device=task.device)).item())
     if num_draws == 0:
         raise ValueError("The dataset is empty: there are no training examples to attribute to.")
@@ -208,14 +208,15 @@ def _run_pass(
 
 @dataclass
 class PassState:
-    """Where a fit stands: the pass, this rank's examples and draws done in it, and (for the
-    correction pass) the draws of the finished covariance pass. `tensors` are the saved sums."""
+    """Where a fit stands: the pass, this rank's examples and draws done in it, the pass's running
+    `sums`, and (for the correction pass) the draws and `finished` factors of the covariance pass."""
 
     stage: str
     examples: int = 0
     draws: int = 0
     fit_draws: int = 0
-    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    sums: dict[str, torch.Tensor] = field(default_factory=dict)
+    finished: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 class FitCheckpoint:
@@ -245,14 +246,23 @@ class FitCheckpoint:
                 f"The checkpoint in {self.directory} is of a fit with other settings, model or number of "
                 "processes; resume with the same ones."
             )
-        return PassState(**saved["position"], tensors=load_file(self.directory / saved["tensors"]))
+        tensors = load_file(self.directory / saved["tensors"])
+        parts = {
+            part: {key.partition("/")[2]: value for key, value in tensors.items() if key.startswith(f"{part}/")}
+            for part in ("sums", "finished")
+        }
+        return PassState(**saved["position"], **parts)
 
-    def save(self, state: PassState, tensors: dict[str, torch.Tensor]) -> None:
-        """Write the sums to a new file, then the position naming it, then drop the older sums: a
-        crash at any point leaves a position and the sums it names."""
+    def save(self, state: PassState) -> None:
+        """Write the tensors to a new file, then the position naming it, then drop the older file: a
+        crash at any point leaves a position and the tensors it names."""
         previous = json.loads(self.state_path.read_text())["tensors"] if self.state_path.is_file() else None
         name = f"{self.prefix}-{state.stage}-{state.examples:012d}.safetensors"
-        content = {key: value.detach().cpu().contiguous() for key, value in tensors.items()}
+        content = {
+            f"{part}/{key}": value.detach().cpu().contiguous()
+            for part in ("sums", "finished")
+            for key, value in getattr(state, part).items()
+        }
         atomic_write(self.directory / name, lambda temp: save_file(content, temp))
         position = {key: getattr(state, key) for key in ("stage", "examples", "draws", "fit_draws")}
         text = json.dumps({"identity": self.identity, "position": position, "tensors": name})

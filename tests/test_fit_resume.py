@@ -45,6 +45,7 @@ def test_resumed_fit_equals_an_uninterrupted_one(tmp_path, monkeypatch, crash_af
         hfi.fit_factors(task, dataset, CONFIG, checkpoint_dir=tmp_path, checkpoint_every=1)
     resumed = hfi.fit_factors(task, dataset, CONFIG, checkpoint_dir=tmp_path, checkpoint_every=1, resume=True)
     assert resumed.config == expected.config
+    assert resumed.tensors.keys() == expected.tensors.keys()
     for name, value in expected.tensors.items():
         torch.testing.assert_close(resumed.tensors[name], value, rtol=1e-12, atol=1e-15)
     assert len(list(tmp_path.glob("*.safetensors"))) == 1  # older sums are dropped
