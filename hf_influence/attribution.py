@@ -20,9 +20,9 @@ from tqdm.auto import tqdm
 from .curvature.inverse import precondition, precondition_in_eigenbasis, to_eigenbasis
 from .data import dataset_length, iter_example_batches
 from .factors import InfluenceFactors
-from .gradients import LayerGradients, per_example_gradients, per_example_scores
+from .gradients import GradientPlan, LayerGradients, per_example_gradients, per_example_scores
 from .index import GradientIndex
-from .measurements import Loss, Measurement, get_measurement
+from .measurements import Measurement, get_measurement
 from .task import DiffusionTask
 
 DEFAULT_DAMPING = 1e-8
@@ -46,19 +46,8 @@ def query_gradients(
     """Gradients of the measurement of each query (no augmentation; query `i` has id `i`)."""
     measurement = get_measurement(measurement)
     samples = task.preprocess(queries)
-    return per_example_gradients(
-        task,
-        layers,
-        samples,
-        list(range(len(samples))),
-        measurement,
-        num_draws,
-        seed,
-        "query",
-        batch_size,
-        augment=False,
-        timestep=measurement.timestep,
-    )
+    plan = GradientPlan.query(measurement, num_draws, seed, batch_size)
+    return per_example_gradients(task, layers, samples, list(range(len(samples))), plan)
 
 
 def precondition_gradients(factors: InfluenceFactors, gradients: LayerGradients, damping: float) -> LayerGradients:
@@ -95,25 +84,12 @@ def pairwise_scores(
     preconditioned = precondition_gradients(factors.to(task.device), grads, damping)
     examples_per_batch = max(1, batch_size // num_train_draws)
     length = dataset_length(train_dataset)
+    plan = GradientPlan.training(num_train_draws, seed, batch_size)
     columns = []
     batches = iter_example_batches(train_dataset, task, examples_per_batch, id_column)
     total = math.ceil(length / examples_per_batch) if length else None
     for batch in tqdm(batches, total=total, desc="Scoring training examples", unit="batch"):
-        columns.append(
-            per_example_scores(
-                task,
-                layers,
-                batch.samples,
-                batch.ids,
-                Loss(),
-                num_train_draws,
-                seed,
-                "train",
-                batch_size,
-                preconditioned,
-                augment=True,
-            )
-        )
+        columns.append(per_example_scores(task, layers, batch.samples, batch.ids, plan, preconditioned))
     return torch.cat(columns, dim=1).cpu()
 
 

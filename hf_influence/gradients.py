@@ -8,6 +8,7 @@ batched matmul per layer. No per-example Python loop and no per-sample autograd.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -16,6 +17,7 @@ from torch import nn
 from .curvature.capture import LayerCapture
 from .curvature.layers import LayerKind
 from .data import draw_chunks
+from .measurements import Loss, Measurement
 from .task import DenoiserOutput, DiffusionTask
 
 Objective = Callable[[DiffusionTask, DenoiserOutput], torch.Tensor]
@@ -29,26 +31,45 @@ Projections = dict[str, tuple[torch.Tensor, torch.Tensor]]
 GradientConsumer = Callable[[str, slice, torch.Tensor, torch.Tensor | None], None]
 
 
+@dataclass(frozen=True)
+class GradientPlan:
+    """What an example's gradient averages: `1/K Σ_k objective(draw_k)` over `num_draws` draws, seeded by
+    (seed, stream, example id) and run `batch_size` draws per pass, so nothing depends on batch_size.
+
+    `augment` applies the task's training augmentation; `timestep` fixes t instead of drawing it."""
+
+    objective: Objective
+    num_draws: int
+    seed: int
+    stream: str
+    batch_size: int
+    augment: bool = False
+    timestep: int | None = None
+
+    @classmethod
+    def training(cls, num_draws: int, seed: int, batch_size: int) -> GradientPlan:
+        """The training loss with the training augmentation: the side stored in indices."""
+        return cls(Loss(), num_draws, seed, "train", batch_size, augment=True)
+
+    @classmethod
+    def query(cls, measurement: Measurement, num_draws: int, seed: int, batch_size: int) -> GradientPlan:
+        """A measurement of a generated sample, never augmented."""
+        return cls(measurement, num_draws, seed, "query", batch_size, timestep=measurement.timestep)
+
+
 def for_each_example_gradient(
     task: DiffusionTask,
     layers: dict[str, nn.Module],
     samples: torch.Tensor,
     ids: Sequence[Any],
-    objective: Objective,
-    num_draws: int,
-    seed: int,
-    stream: str,
-    batch_size: int,
+    plan: GradientPlan,
     consume: GradientConsumer,
-    augment: bool = False,
-    timestep: int | None = None,
     dtype: torch.dtype = torch.float32,
 ) -> None:
-    """Hand `consume` each layer's per-example gradients of `1/K Σ_k objective(draw_k)`, pass by pass.
+    """Hand `consume` each layer's per-example gradients under `plan`, pass by pass.
 
     When an example's draws do not fit in one pass, `consume` receives its gradient in parts that
-    sum to the whole. The denoiser runs in eval mode (see `DiffusionTask.eval_mode`). Draws are
-    seeded by (seed, stream, example id): nothing depends on batch_size.
+    sum to the whole. The denoiser runs in eval mode (see `DiffusionTask.eval_mode`).
     """
     examples = slice(0, 0)
 
@@ -59,14 +80,21 @@ def for_each_example_gradient(
         consume(name, examples, weight, bias if module.bias is not None else None)
 
     with task.eval_mode(), torch.enable_grad(), LayerCapture(layers, on_backward=on_backward) as capture:
-        for examples, draw_rows in draw_chunks(len(ids), num_draws, batch_size):
+        for examples, draw_rows in draw_chunks(len(ids), plan.num_draws, plan.batch_size):
             output, _ = task.run(
-                samples[examples], ids[examples], num_draws, draw_rows, seed, stream, augment, timestep
+                samples[examples],
+                ids[examples],
+                plan.num_draws,
+                draw_rows,
+                plan.seed,
+                plan.stream,
+                plan.augment,
+                plan.timestep,
             )
-            values = objective(task, output)
+            values = plan.objective(task, output)
             if not torch.isfinite(values).all():
                 raise FloatingPointError(f"The objective is NaN or infinite for examples {list(ids[examples])}.")
-            capture.backward(values.sum() / num_draws)
+            capture.backward(values.sum() / plan.num_draws)
 
 
 def per_example_gradients(
@@ -74,18 +102,12 @@ def per_example_gradients(
     layers: dict[str, nn.Module],
     samples: torch.Tensor,
     ids: Sequence[Any],
-    objective: Objective,
-    num_draws: int,
-    seed: int,
-    stream: str,
-    batch_size: int,
-    augment: bool = False,
-    timestep: int | None = None,
+    plan: GradientPlan,
     dtype: torch.dtype | None = None,
     projections: Projections | None = None,
 ) -> LayerGradients:
-    """Gradients of `1/K Σ_k objective(draw_k)` for each example, for every layer in `layers`
-    (projected as `P_outᵀ ∇W P_in`, bias as `P_outᵀ ∇b`, for the layers in `projections`).
+    """Each example's gradient under `plan`, for every layer in `layers` (projected as
+    `P_outᵀ ∇W P_in`, bias as `P_outᵀ ∇b`, for the layers in `projections`).
 
     Gradients are accumulated in `dtype` (default: fp64 for an fp64 model, else fp32).
     """
@@ -110,9 +132,7 @@ def per_example_gradients(
         if bias is not None:
             biases[name][examples] += bias
 
-    for_each_example_gradient(
-        task, layers, samples, ids, objective, num_draws, seed, stream, batch_size, accumulate, augment, timestep, dtype
-    )
+    for_each_example_gradient(task, layers, samples, ids, plan, accumulate, dtype)
     return {name: (weights[name], biases.get(name)) for name in layers}
 
 
@@ -121,16 +141,11 @@ def per_example_scores(
     layers: dict[str, nn.Module],
     samples: torch.Tensor,
     ids: Sequence[Any],
-    objective: Objective,
-    num_draws: int,
-    seed: int,
-    stream: str,
-    batch_size: int,
+    plan: GradientPlan,
     queries: LayerGradients,
-    augment: bool = False,
 ) -> torch.Tensor:
-    """`[Q, len(ids)]` inner products of `queries` with each example's gradient, layer by layer as the
-    gradients arrive: no example's full gradient is ever held in memory."""
+    """`[Q, len(ids)]` inner products of `queries` with each example's gradient under `plan`, layer by
+    layer as the gradients arrive: no example's full gradient is ever held in memory."""
     num_queries = len(next(iter(queries.values()))[0])
     scores = torch.zeros(num_queries, len(ids), dtype=_gradient_dtype(task), device=task.device)
 
@@ -141,20 +156,7 @@ def per_example_scores(
             part += query_bias @ bias.to(query_bias.dtype).T
         scores[:, examples] += part
 
-    for_each_example_gradient(
-        task,
-        layers,
-        samples,
-        ids,
-        objective,
-        num_draws,
-        seed,
-        stream,
-        batch_size,
-        score,
-        augment,
-        dtype=scores.dtype,
-    )
+    for_each_example_gradient(task, layers, samples, ids, plan, score, scores.dtype)
     return scores
 
 

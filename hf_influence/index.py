@@ -30,8 +30,7 @@ from .curvature.layers import find_layers, layer_kind
 from .data import dataset_length, iter_example_batches
 from .distributed import Ranks
 from .files import atomic_write, read_config
-from .gradients import per_example_gradients
-from .measurements import Loss
+from .gradients import GradientPlan, per_example_gradients
 
 if TYPE_CHECKING:
     from .task import DiffusionTask
@@ -255,6 +254,7 @@ def build_index(
         disable=not ranks.is_main,
     )
     examples_per_pass = max(1, config.batch_size // config.num_draws)
+    plan = GradientPlan.training(config.num_draws, config.seed, config.batch_size)
     batches = iter_example_batches(
         remaining, task, config.shard_size, config.id_column, start=done, rank_part=ranks.world > 1
     )
@@ -263,17 +263,7 @@ def build_index(
         for start in range(0, len(batch.ids), examples_per_pass):
             part_rows = slice(start, start + examples_per_pass)
             grads = per_example_gradients(
-                task,
-                layers,
-                batch.samples[part_rows],
-                batch.ids[part_rows],
-                Loss(),
-                config.num_draws,
-                config.seed,
-                "train",
-                config.batch_size,
-                augment=True,
-                projections=projections,
+                task, layers, batch.samples[part_rows], batch.ids[part_rows], plan, projections=projections
             )
             for name, (weight, bias) in grads.items():
                 for key, value in compressor.encode(name, weight.cpu(), None if bias is None else bias.cpu()).items():

@@ -36,6 +36,23 @@ def toy_task(net: nn.Module, channels: int, size: int, **kwargs) -> hfi.Diffusio
     return hfi.DiffusionTask(ToyDenoiser(net, channels, size), DDPMScheduler(), **kwargs)
 
 
+class Crash(Exception):
+    """Stands for a preempted or killed job."""
+
+
+def crash_task_after(task: hfi.DiffusionTask, calls: int) -> None:
+    """Make the task's forward passes raise `Crash` after `calls` of them; `del task.run` undoes it."""
+    original, count = task.run, [0]
+
+    def run(*args, **kwargs):
+        count[0] += 1
+        if count[0] > calls:
+            raise Crash
+        return original(*args, **kwargs)
+
+    task.run = run
+
+
 def tiny_unet(sample_size: int = 8, channels: int = 1, seed: int = 0) -> UNet2DModel:
     """A UNet2DModel with attention, small enough for exact checks on CPU."""
     torch.manual_seed(seed)

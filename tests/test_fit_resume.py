@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import mnist_dataset, tiny_unet
+from conftest import Crash, crash_task_after, mnist_dataset, tiny_unet
 from diffusers import DDPMScheduler
 
 import hf_influence as hfi
@@ -12,35 +12,18 @@ import hf_influence as hfi
 CONFIG = hfi.FactorConfig(draws_per_example=2, batch_size=4, dtype="float64")
 
 
-class Crash(Exception):
-    pass
-
-
-def _crash_after(task: hfi.DiffusionTask, calls: int, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Make the task's forward passes fail after `calls` of them, like a preempted job."""
-    original, count = task.run, [0]
-
-    def run(*args, **kwargs):
-        count[0] += 1
-        if count[0] > calls:
-            raise Crash
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(task, "run", run)
-
-
 # 10 examples in batches of 2 (4 draws per pass): 5 forward passes per pass over the data.
 # Crash in the covariance pass, right after it (before any correction checkpoint), in the correction pass.
 @pytest.mark.parametrize("crash_after", [3, 5, 7])
-def test_resumed_fit_equals_an_uninterrupted_one(tmp_path, monkeypatch, crash_after):
+def test_resumed_fit_equals_an_uninterrupted_one(tmp_path, crash_after):
     dataset = mnist_dataset(10, 8)
     task = hfi.DiffusionTask(tiny_unet().double(), DDPMScheduler())
     expected = hfi.fit_factors(task, dataset, CONFIG)
 
-    _crash_after(task, crash_after, monkeypatch)
+    crash_task_after(task, crash_after)
     with pytest.raises(Crash):
         hfi.fit_factors(task, dataset, CONFIG, checkpoint_dir=tmp_path, checkpoint_every=1)
-    monkeypatch.undo()
+    del task.run
     with pytest.raises(FileExistsError, match="resume=True"):
         hfi.fit_factors(task, dataset, CONFIG, checkpoint_dir=tmp_path, checkpoint_every=1)
     resumed = hfi.fit_factors(task, dataset, CONFIG, checkpoint_dir=tmp_path, checkpoint_every=1, resume=True)
@@ -51,13 +34,13 @@ def test_resumed_fit_equals_an_uninterrupted_one(tmp_path, monkeypatch, crash_af
     assert len(list(tmp_path.glob("*.safetensors"))) == 1  # older sums are dropped
 
 
-def test_resume_with_other_settings_is_refused(tmp_path, monkeypatch):
+def test_resume_with_other_settings_is_refused(tmp_path):
     dataset = mnist_dataset(10, 8)
     task = hfi.DiffusionTask(tiny_unet().double(), DDPMScheduler())
-    _crash_after(task, 2, monkeypatch)
+    crash_task_after(task, 2)
     with pytest.raises(Crash):
         hfi.fit_factors(task, dataset, CONFIG, checkpoint_dir=tmp_path, checkpoint_every=1)
-    monkeypatch.undo()
+    del task.run
     other = hfi.FactorConfig(draws_per_example=3, batch_size=4, dtype="float64")
     with pytest.raises(ValueError, match="other settings"):
         hfi.fit_factors(task, dataset, other, checkpoint_dir=tmp_path, checkpoint_every=1, resume=True)

@@ -17,7 +17,7 @@ from torch.func import functional_call, grad, jacrev, vmap
 
 import hf_influence as hfi
 from hf_influence.curvature.layers import find_layers
-from hf_influence.gradients import per_example_gradients
+from hf_influence.gradients import GradientPlan, per_example_gradients
 
 # vmap over diffusers' attention falls back to a loop for CPU flash attention: slow-ish, still exact.
 pytestmark = pytest.mark.filterwarnings("ignore:There is a performance drop:UserWarning")
@@ -120,17 +120,15 @@ def unet_setup(digits8):
 def test_per_example_gradients_match_torch_func_on_unet(unet_setup, num_draws: int, batch_size: int) -> None:
     task, layers, samples, ids, references = unet_setup
     assert len(layers) == 51  # every Linear and Conv2d of the UNet, attention projections included
-    actual = per_example_gradients(
-        task, layers, samples, ids, hfi.Loss(), num_draws, 4, "train", batch_size, augment=True, dtype=torch.float64
-    )
+    plan = GradientPlan(hfi.Loss(), num_draws, 4, "train", batch_size, augment=True)
+    actual = per_example_gradients(task, layers, samples, ids, plan, dtype=torch.float64)
     draws = task.draw(ids, num_draws, 4, "train", augment=True)
     if num_draws == 3:
         assert draws.flip.any() and not draws.flip.all()
     assert_gradients_close(actual, references[num_draws])
     # and independent of the batch size, up to rounding
-    whole = per_example_gradients(
-        task, layers, samples, ids, hfi.Loss(), num_draws, 4, "train", 64, augment=True, dtype=torch.float64
-    )
+    whole_plan = GradientPlan(hfi.Loss(), num_draws, 4, "train", 64, augment=True)
+    whole = per_example_gradients(task, layers, samples, ids, whole_plan, dtype=torch.float64)
     assert_gradients_close(actual, whole, rtol=1e-12)
 
 
@@ -180,9 +178,8 @@ def test_per_example_gradients_of_unusual_layers() -> None:
     ]
     samples = torch.rand(3, 2, 8, 8, generator=torch.Generator().manual_seed(1)) * 2 - 1
     ids = ["a", "b", "c"]
-    actual = per_example_gradients(
-        task, layers, samples, ids, hfi.Loss(), 2, 0, "train", 3, augment=True, dtype=torch.float64
-    )
+    plan = GradientPlan(hfi.Loss(), 2, 0, "train", 3, augment=True)
+    actual = per_example_gradients(task, layers, samples, ids, plan, dtype=torch.float64)
     expected = reference_example_gradients(task, layers, samples, ids, 2, 0, "train", augment=True)
     assert_gradients_close(actual, expected)
 

@@ -13,7 +13,7 @@ import pytest
 import test_cli
 import torch
 from accelerate import Accelerator, debug_launcher
-from conftest import mnist_dataset, tiny_unet
+from conftest import Crash, crash_task_after, mnist_dataset, tiny_unet
 from diffusers import DDPMScheduler
 from PIL import Image
 
@@ -90,10 +90,6 @@ def test_streamed_files_fit_the_factors_of_the_in_memory_dataset(tmp_path, write
 RESUME_EXAMPLES = 10
 
 
-class Crash(Exception):
-    pass
-
-
 def _fit_on_every_rank(directory: str, strategy: str, crash_after: int | None) -> None:
     """Fit with a checkpoint every batch; with `crash_after`, every rank's forward passes fail after
     that many (caught here, so that the launcher does not fail); without it, resume and save."""
@@ -109,19 +105,11 @@ def _fit_on_every_rank(directory: str, strategy: str, crash_after: int | None) -
         if accelerator.is_main_process:
             factors.save_pretrained(f"{directory}/factors")
         return
-    original, calls = task.run, [0]
-
-    def run(*args, **kwargs):
-        calls[0] += 1
-        if calls[0] > crash_after:
-            raise Crash
-        return original(*args, **kwargs)
-
-    task.run = run
+    crash_task_after(task, crash_after)
     try:
         hfi.fit_factors(task, dataset, config, **options)
     except Crash:
-        Path(f"{directory}/crashed-rank{rank}").write_text(str(calls[0]))
+        Path(f"{directory}/crashed-rank{rank}").touch()
 
 
 # kfac: crash in the covariance pass; ekfac: crash in the correction pass (after its first batch).
