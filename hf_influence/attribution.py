@@ -179,6 +179,31 @@ class Attributor:
         self.layers = factor_layers(task, factors)
         self._cache: tuple[tuple, dict] | None = None
 
+    @classmethod
+    def from_pretrained(
+        cls,
+        pipeline: str | DiffusionTask,
+        factors: str | InfluenceFactors,
+        index: str | GradientIndex,
+        damping: float = DEFAULT_DAMPING,
+        force: bool = False,
+        pipeline_revision: str | None = None,
+        factors_revision: str | None = None,
+        index_revision: str | None = None,
+        token: str | bool | None = None,
+        **task_kwargs: Any,
+    ) -> Attributor:
+        """All three parts from Hub ids or local folders (or already loaded objects): the pipeline as a
+        `DiffusionTask` (`task_kwargs` such as image_column go to it), the factors and the index, each at
+        its revision; a mismatch between them is refused unless `force`."""
+        if not isinstance(pipeline, DiffusionTask):
+            pipeline = DiffusionTask.from_pretrained(pipeline, revision=pipeline_revision, **task_kwargs)
+        if not isinstance(factors, InfluenceFactors):
+            factors = InfluenceFactors.from_pretrained(factors, revision=factors_revision, token=token)
+        if not isinstance(index, GradientIndex):
+            index = GradientIndex.from_pretrained(index, revision=index_revision, token=token)
+        return cls(pipeline, factors, index, damping=damping, force=force)
+
     def attribute(
         self,
         images: Any,

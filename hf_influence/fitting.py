@@ -24,11 +24,13 @@ from tqdm.auto import tqdm
 from . import __version__
 from .curvature.capture import LayerCapture
 from .curvature.kfac import CovarianceAccumulator, EigenvalueCorrectionAccumulator, eigendecompose
+from .curvature.large_layers import activation_rank, truncate
 from .curvature.layers import find_layers, layer_kind
 from .data import dataset_length, draw_chunks, iter_example_batches
 from .distributed import Ranks
 from .factors import FORMAT, FORMAT_VERSION, FactorConfig, InfluenceFactors
 from .files import atomic_write
+from .provenance import DatasetSource, dataset_provenance, model_provenance
 from .task import DenoiserOutput, DiffusionTask
 
 
@@ -40,6 +42,7 @@ def fit_factors(
     checkpoint_dir: str | os.PathLike | None = None,
     checkpoint_every: int = 100,
     resume: bool = False,
+    dataset_source: DatasetSource | None = None,
 ) -> InfluenceFactors:
     """Fit the curvature of `task`'s denoiser on `dataset` (a `datasets` Dataset, IterableDataset or
     any iterable of rows with the task's image column).
@@ -49,6 +52,8 @@ def fit_factors(
     every rank returns the same factors as a single process would (up to float rounding).
     With `checkpoint_dir`, each rank saves its running sums every `checkpoint_every` batches;
     `resume=True` continues an interrupted fit from there, with the same result.
+    `dataset_source` records where the data came from (repo id, commit, split) in the factors' config;
+    without it, what `datasets` records about the dataset (name, split) is used.
     """
     config = config or FactorConfig()
     ranks = Ranks(accelerator)
@@ -96,6 +101,8 @@ def fit_factors(
                 tensors[f"{name}.eigenvalues"] = ranks.sum(correction.weight[name]) / correction_draws
                 if name in correction.bias:
                     tensors[f"{name}.bias_eigenvalues"] = ranks.sum(correction.bias[name]) / correction_draws
+                if name in correction.residual:
+                    tensors[f"{name}.residual_eigenvalues"] = ranks.sum(correction.residual[name]) / correction_draws
 
     metadata = {
         "format": FORMAT,
@@ -105,7 +112,8 @@ def fit_factors(
         "num_draws": num_draws,
         "modules": list(layers),
         "shapes": {name: list(layer_kind(module).weight_shape(module)) for name, module in layers.items()},
-        "model": {"fingerprint": task.fingerprint(), "denoiser": type(task.denoiser).__name__},
+        "model": model_provenance(task),
+        "dataset": dataset_provenance(dataset, config.id_column, dataset_source),
     }
     return InfluenceFactors(metadata, {name: value.to("cpu") for name, value in tensors.items()})
 
@@ -120,13 +128,14 @@ def _eigendecompositions(
         activation = ranks.sum(covariances.activation.pop(name)) / num_draws
         gradient = ranks.sum(covariances.gradient.pop(name)) / num_draws
         owner = ranks.owner(position)
-        (activation_values, activation_vectors), (gradient_values, gradient_vectors) = (
-            _shared_eigendecomposition(ranks, matrix, owner) for matrix in (activation, gradient)
-        )
+        rank = activation_rank(len(activation), config.max_factor_size, config.large_layer_rank)
+        activation_values, activation_vectors, residual = _shared_eigendecomposition(ranks, activation, owner, rank)
+        gradient_values, gradient_vectors, _ = _shared_eigendecomposition(ranks, gradient, owner, len(gradient))
+        # Scoring never needs the covariances on the device: free it for the correction pass.
         tensors.update(
             {
-                f"{name}.activation_covariance": activation,
-                f"{name}.gradient_covariance": gradient,
+                f"{name}.activation_covariance": activation.cpu(),
+                f"{name}.gradient_covariance": gradient.cpu(),
                 f"{name}.activation_eigenvectors": activation_vectors,
                 f"{name}.gradient_eigenvectors": gradient_vectors,
             }
@@ -134,18 +143,29 @@ def _eigendecompositions(
         if config.strategy == "kfac":
             tensors[f"{name}.activation_eigenvalues"] = activation_values
             tensors[f"{name}.gradient_eigenvalues"] = gradient_values
+            if residual is not None:
+                tensors[f"{name}.activation_residual_eigenvalue"] = residual
             if layers[name].bias is not None:
                 tensors[f"{name}.bias_eigenvalues"] = gradient_values.clone()  # own memory for safetensors
     return tensors
 
 
-def _shared_eigendecomposition(ranks: Ranks, matrix: torch.Tensor, owner: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Eigenvalues and eigenvectors computed by the `owner` rank only, then sent to every rank."""
+def _shared_eigendecomposition(
+    ranks: Ranks, matrix: torch.Tensor, owner: int, rank: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The `rank` leading eigenpairs (all of them when `rank` is the size, else truncated, with the mean of
+    the other eigenvalues as a third result) computed by the `owner` rank only, then sent to every rank."""
+    size = len(matrix)
     if ranks.rank == owner:
         values, vectors = eigendecompose(matrix)
+        residual = None
+        if rank < size:
+            values, vectors, residual = truncate(values, vectors, rank)
     else:
-        values, vectors = matrix.new_empty(len(matrix)), torch.empty_like(matrix)
-    return ranks.broadcast(values, owner), ranks.broadcast(vectors, owner)
+        values, vectors = matrix.new_empty(rank), matrix.new_empty(size, rank)
+        residual = matrix.new_empty(1) if rank < size else None
+    values, vectors = ranks.broadcast(values, owner), ranks.broadcast(vectors, owner)
+    return values, vectors, None if residual is None else ranks.broadcast(residual, owner)
 
 
 def _run_pass(

@@ -25,12 +25,15 @@ from safetensors.torch import load, save_file
 from tqdm.auto import tqdm
 
 from . import __version__
+from .cards import index_card
 from .compression import COMPRESSIONS, Stored, make_compressor
 from .curvature.layers import find_layers, layer_kind
 from .data import dataset_length, iter_example_batches
 from .distributed import Ranks
 from .files import atomic_write, read_config
 from .gradients import GradientPlan, per_example_gradients
+from .hub import open_repo, push_folder
+from .provenance import DatasetSource, dataset_provenance, describe_mismatch, model_provenance
 
 if TYPE_CHECKING:
     from .task import DiffusionTask
@@ -55,6 +58,8 @@ class IndexConfig:
         projection_dim: the dimension each side of a layer is projected to by compression="projection".
         quantize_bits: 8 to quantise whatever is stored to 8 bits per value; None keeps fp32.
         shard_size: examples per shard (the unit of resumption and of streaming at query time).
+        max_shard_bytes: an upper bound on a shard file's size (fewer examples per shard when the
+            compressed gradients are large); None bounds shards by `shard_size` only.
         module_filter: regex on layer names; must select the layers the factors were fitted on.
         id_column: the dataset column with stable integer ids (row positions when missing).
     """
@@ -67,6 +72,7 @@ class IndexConfig:
     projection_dim: int = 16
     quantize_bits: int | None = None
     shard_size: int = 1024
+    max_shard_bytes: int | None = None
     module_filter: str | None = None
     id_column: str = "id"
 
@@ -75,6 +81,8 @@ class IndexConfig:
             raise ValueError(f"IndexConfig.compression must be one of {COMPRESSIONS}, got {self.compression!r}.")
         if min(self.num_draws, self.batch_size, self.shard_size, self.rank, self.projection_dim) < 1:
             raise ValueError("num_draws, batch_size, shard_size, rank and projection_dim must be at least 1.")
+        if self.max_shard_bytes is not None and self.max_shard_bytes < 1:
+            raise ValueError(f"max_shard_bytes must be positive, got {self.max_shard_bytes}.")
 
 
 class GradientIndex:
@@ -102,41 +110,83 @@ class GradientIndex:
         return list(self.config["modules"])
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike) -> GradientIndex:
-        directory = Path(path)
+    def from_pretrained(
+        cls,
+        path_or_repo_id: str | os.PathLike,
+        revision: str | None = None,
+        token: str | bool | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        local_files_only: bool = False,
+        repo_type: str = "dataset",
+    ) -> GradientIndex:
+        """Open an index in a local folder or a Hub repo (a dataset repo by default) at `revision`.
+
+        From the Hub, config.json and the shards it lists are downloaded (nothing else), and every
+        shard's size is checked against the config, so a truncated download is refused.
+        """
+        repo = open_repo(path_or_repo_id, repo_type, revision, token, cache_dir, local_files_only)
+        directory = repo.fetch(CONFIG_NAME).parent
         config = read_config(directory, FORMAT, FORMAT_VERSION, "GradientIndex")
         for shard in config["shards"]:
-            path = directory / shard["file"]
-            if not path.is_file():
-                raise FileNotFoundError(f"Index shard {path} is missing.")
-            if path.stat().st_size != shard["size"]:
-                raise ValueError(
-                    f"Index shard {path} has {path.stat().st_size} bytes, {shard['size']} expected: it is truncated "
-                    "or corrupt. Rebuild or re-download the index."
-                )
+            repo.fetch(shard["file"], shard["size"])
         return cls(directory, config)
 
-    def save_pretrained(self, save_directory: str | os.PathLike) -> None:
-        """Copy the index to another folder (each file atomically)."""
+    def save_pretrained(self, save_directory: str | os.PathLike) -> list[str]:
+        """Copy the index to another folder (each file atomically); returns the file names."""
         target = Path(save_directory)
         target.mkdir(parents=True, exist_ok=True)
+        files = [CONFIG_NAME, "README.md", *(shard["file"] for shard in self.config["shards"])]
         if target.resolve() == self.directory.resolve():
-            return
+            return files
         for shard in self.config["shards"]:
             source = self.directory / shard["file"]
             atomic_write(target / shard["file"], lambda temp, source=source: shutil.copyfile(source, temp))
-        for name in (CONFIG_NAME, "README.md"):
-            if (self.directory / name).is_file():
-                text = (self.directory / name).read_text()
-                atomic_write(target / name, lambda temp, text=text: Path(temp).write_text(text))
+        card = index_card(self.config)
+        atomic_write(target / "README.md", lambda temp: Path(temp).write_text(card))
+        text = json.dumps(self.config, indent=2)
+        atomic_write(target / CONFIG_NAME, lambda temp: Path(temp).write_text(text))
+        return files
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        private: bool | None = None,
+        token: str | bool | None = None,
+        revision: str | None = None,
+        commit_message: str = "Upload gradient index with hf_influence",
+        create_pr: bool = False,
+        repo_type: str = "dataset",
+    ) -> Any:
+        """Upload config.json, the shards and a dataset card to `repo_id` (a dataset repo by default,
+        created if needed) in one commit; shards of an earlier push that this one replaces are deleted."""
+        with tempfile.TemporaryDirectory() as folder:
+            for shard in self.config["shards"]:  # link, not copy: shards can be large
+                os.symlink((self.directory / shard["file"]).resolve(), Path(folder) / shard["file"])
+            card = index_card(self.config, repo_id)
+            Path(folder, "README.md").write_text(card)
+            Path(folder, CONFIG_NAME).write_text(json.dumps(self.config, indent=2))
+            files = [CONFIG_NAME, "README.md", *(shard["file"] for shard in self.config["shards"])]
+            return push_folder(
+                folder,
+                repo_id,
+                repo_type,
+                files,
+                private=private,
+                token=token,
+                revision=revision,
+                commit_message=commit_message,
+                create_pr=create_pr,
+                stale_patterns=["index-*.safetensors"],
+            )
 
     def check_compatible(self, task: DiffusionTask, force: bool = False) -> None:
-        expected = self.config["model"]["fingerprint"]
-        if expected != task.fingerprint() and not force:
+        """Refuse an index built on another model (`force=True` skips the check)."""
+        recorded, actual = self.config["model"], model_provenance(task)
+        if recorded["fingerprint"] != actual["fingerprint"] and not force:
             raise ValueError(
-                f"This index was built on a model with fingerprint {expected}, but the task's denoiser has "
-                f"fingerprint {task.fingerprint()}: its weights differ. Rebuild the index for this model, or pass "
-                "force=True if you know the difference does not matter."
+                f"This index was built on another model ({describe_mismatch(recorded, actual)}): the denoiser's "
+                "weights differ. Rebuild the index for this model, or pass force=True if you know the difference "
+                "does not matter."
             )
 
     def iter_shards(self) -> Iterator[tuple[torch.Tensor, dict[str, Stored]]]:
@@ -208,6 +258,7 @@ def build_index(
     config: IndexConfig | None = None,
     output_dir: str | os.PathLike | None = None,
     accelerator: Any = None,
+    dataset_source: DatasetSource | None = None,
 ) -> GradientIndex:
     """Compute every training example's loss gradient (K draws, the task's augmentation), compress
     it and write shards to `output_dir` (a temporary folder when None). Re-running with the same
@@ -215,6 +266,7 @@ def build_index(
 
     With an `accelerate.Accelerator` of several processes (and a shared `output_dir`), each rank
     indexes its part of the data and the main process merges the parts in example-id order.
+    `dataset_source` records where the data came from (repo id, commit, split) in the index's config.
     """
     config = config or IndexConfig()
     ranks = Ranks(accelerator)
@@ -234,8 +286,9 @@ def build_index(
         **asdict(config),
         "modules": list(layers),
         "shapes": {name: list(shape) for name, shape in shapes.items()},
-        "model": {"fingerprint": task.fingerprint(), "denoiser": type(task.denoiser).__name__},
-        "dataset": _dataset_info(dataset, config.id_column),
+        "examples_per_shard": _examples_per_shard(config, compressor, shapes),
+        "model": model_provenance(task),
+        "dataset": dataset_provenance(dataset, config.id_column, dataset_source),
     }
     if ranks.is_main:
         _prepare_build_state(directory, metadata, ranks.world)
@@ -256,7 +309,7 @@ def build_index(
     examples_per_pass = max(1, config.batch_size // config.num_draws)
     plan = GradientPlan.training(config.num_draws, config.seed, config.batch_size)
     batches = iter_example_batches(
-        remaining, task, config.shard_size, config.id_column, start=done, rank_part=ranks.world > 1
+        remaining, task, metadata["examples_per_shard"], config.id_column, start=done, rank_part=ranks.world > 1
     )
     for batch in batches:
         tensors: dict[str, list[torch.Tensor]] = {}
@@ -281,14 +334,22 @@ def build_index(
     return GradientIndex.from_pretrained(directory)
 
 
-def _dataset_info(dataset: Any, id_column: str) -> dict[str, Any]:
-    info = getattr(dataset, "info", None)
-    return {
-        "name": getattr(info, "dataset_name", None),
-        "config": getattr(info, "config_name", None),
-        "split": None if getattr(dataset, "split", None) is None else str(dataset.split),
-        "id_column": id_column,
-    }
+def _examples_per_shard(config: IndexConfig, compressor: Any, shapes: dict[str, tuple[int, int]]) -> int:
+    """`shard_size`, lowered so that a shard's tensors fit in `max_shard_bytes` (measured by encoding
+    one example's gradients: every compressor stores the same bytes for any example)."""
+    if config.max_shard_bytes is None:
+        return config.shard_size
+    per_example, header = 8, 256  # its id; the safetensors header, generously 256 bytes per tensor
+    for name, (d_out, d_in) in shapes.items():
+        stored = compressor.encode(name, torch.ones(1, d_out, d_in), torch.ones(1, d_out))
+        per_example += sum(value.numel() * value.element_size() for value in stored.values())
+        header += 256 * len(stored)
+    if per_example + header > config.max_shard_bytes:
+        raise ValueError(
+            f"One example's compressed gradients take {per_example + header} bytes with the file header, more "
+            f"than max_shard_bytes={config.max_shard_bytes}; raise it or compress more."
+        )
+    return min(config.shard_size, (config.max_shard_bytes - header) // per_example)
 
 
 def _prepare_build_state(directory: Path, metadata: dict[str, Any], world: int) -> None:
@@ -340,7 +401,7 @@ def _merge_rank_parts(directory: Path, world: int, metadata: dict[str, Any]) -> 
     sources = torch.cat([torch.full((len(ids),), number) for number, ids in enumerate(part_ids)])
     rows = torch.cat([torch.arange(len(ids)) for ids in part_ids])
     order = torch.cat(part_ids).argsort(stable=True)
-    shard_size = metadata["shard_size"]
+    shard_size = metadata["examples_per_shard"]
     shards, loaded = [], {}
     for number, start in enumerate(range(0, len(order), shard_size)):
         selected = order[start : start + shard_size]
@@ -383,19 +444,7 @@ def _finish(directory: Path, shards: list[dict[str, Any]], metadata: dict[str, A
         os.replace(directory / shard["file"], directory / final)
         shard["file"] = final
     config = {**metadata, "num_examples": sum(shard["num_examples"] for shard in shards), "shards": shards}
-    atomic_write(directory / "README.md", lambda temp: Path(temp).write_text(_dataset_card(config)))
+    atomic_write(directory / "README.md", lambda temp: Path(temp).write_text(index_card(config)))
     atomic_write(directory / CONFIG_NAME, lambda temp: Path(temp).write_text(json.dumps(config, indent=2)))
     (directory / BUILD_STATE_NAME).unlink()
     return GradientIndex(directory, config)
-
-
-def _dataset_card(config: dict[str, Any]) -> str:
-    compression = config["compression"] + (f" + {config['quantize_bits']}-bit" if config["quantize_bits"] else "")
-    return (
-        "---\nlibrary_name: hf_influence\ntags:\n- influence-functions\n- data-attribution\n- gradient-index\n---\n\n"
-        "# Training-gradient index\n\n"
-        f"Per-example training-loss gradients of a diffusion denoiser ({config['num_examples']} examples, "
-        f"{config['num_draws']} (t, ε) draws each, compression: {compression}), stored raw (not preconditioned), "
-        f"for attribution with hf_influence. Model fingerprint: `{config['model']['fingerprint']}`.\n\n"
-        "```python\nimport hf_influence as hfi\n\nindex = hfi.GradientIndex.from_pretrained(PATH)\n```\n"
-    )

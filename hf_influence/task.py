@@ -114,6 +114,8 @@ class DiffusionTask:
         self.resolution: tuple[int, int] = (size, size) if isinstance(size, int) else tuple(size)
         self.channels: int = int(config.in_channels)
         self._fingerprint: str | None = None
+        # Where the pipeline came from ({repo_id, revision}); from_pretrained fills in the commit.
+        self.source: dict[str, Any] = {"repo_id": None, "revision": None}
 
     # ------------------------------------------------------------------ construction
 
@@ -148,11 +150,17 @@ class DiffusionTask:
         )
 
     @classmethod
-    def from_pretrained(cls, repo_or_dir: str, **kwargs: Any) -> DiffusionTask:
-        """Load a diffusers pipeline (Hub id or local folder) and build the task from it."""
+    def from_pretrained(cls, repo_or_dir: str, revision: str | None = None, **kwargs: Any) -> DiffusionTask:
+        """Load a diffusers pipeline (Hub id or local folder) and build the task from it; the task's
+        `source` records the repo id and the commit it was read at (the factors' provenance)."""
         from diffusers import DiffusionPipeline
 
-        return cls.from_pipeline(DiffusionPipeline.from_pretrained(repo_or_dir), **kwargs)
+        from .hub import download_pipeline
+
+        folder, source = download_pipeline(repo_or_dir, revision)
+        task = cls.from_pipeline(DiffusionPipeline.from_pretrained(folder), **kwargs)
+        task.source = source
+        return task
 
     # ------------------------------------------------------------------ properties
 

@@ -11,6 +11,7 @@ from diffusers import DDPMScheduler
 from safetensors.torch import load_file
 
 import hf_influence as hfi
+from hf_influence.curvature.inverse import precondition
 
 
 def assert_same_covariances(left: hfi.InfluenceFactors, right: hfi.InfluenceFactors) -> None:
@@ -64,7 +65,7 @@ def test_round_trip_gives_equal_tensors_and_scores(fitted, tmp_path):
     task, dataset, factors = fitted
     factors.save_pretrained(tmp_path)
     loaded = hfi.InfluenceFactors.from_pretrained(tmp_path, task=task)
-    assert loaded.config == factors.config
+    assert {key: value for key, value in loaded.config.items() if key not in ("storage", "files")} == factors.config
     for name, value in factors.tensors.items():
         torch.testing.assert_close(loaded.tensors[name], value, rtol=0, atol=0)
     queries = task.preprocess([dataset[0]["image"]])
@@ -136,3 +137,77 @@ def test_failed_save_keeps_the_previous_files(fitted, tmp_path, monkeypatch):
         factors.save_pretrained(tmp_path)
     assert (tmp_path / "factors.safetensors").read_bytes() == before
     assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_sharded_save_loads_equal_and_a_subset_reads_only_its_shards(fitted, tmp_path):
+    task, _, factors = fitted
+    files = factors.save_pretrained(tmp_path, max_shard_size=20_000)
+    shards = sorted(name for name in files if name.startswith("factors-"))
+    assert len(shards) > 2 and "factors.safetensors.index.json" in files
+    weight_map = json.loads((tmp_path / "factors.safetensors.index.json").read_text())["weight_map"]
+    for name in shards:  # within the limit (plus the header), unless one tensor alone exceeds it
+        assert (tmp_path / name).stat().st_size <= 20_000 + 4096 or list(weight_map.values()).count(name) == 1
+    loaded = hfi.InfluenceFactors.from_pretrained(tmp_path, task=task)
+    torch.testing.assert_close(loaded.tensors, factors.tensors, rtol=0, atol=0)
+
+    wanted = factors.modules[:2]
+    needed = {weight_map[name] for name in weight_map if any(name.startswith(f"{module}.") for module in wanted)}
+    for name in set(shards) - needed:
+        (tmp_path / name).unlink()  # a subset load must not read these
+    subset = hfi.InfluenceFactors.from_pretrained(tmp_path, modules=wanted)
+    assert subset.modules == wanted
+    for module in wanted:
+        torch.testing.assert_close(subset.layer(module), factors.layer(module), rtol=0, atol=0)
+    with pytest.raises(KeyError, match="no layers"):
+        hfi.InfluenceFactors.from_pretrained(tmp_path, modules=["not.a.layer"])
+
+
+def test_resaving_with_fewer_shards_removes_the_stale_ones(fitted, tmp_path):
+    _, _, factors = fitted
+    factors.save_pretrained(tmp_path, max_shard_size=20_000)
+    factors.save_pretrained(tmp_path)
+    assert sorted(path.name for path in tmp_path.glob("factors*")) == ["factors.safetensors"]
+    torch.testing.assert_close(hfi.InfluenceFactors.from_pretrained(tmp_path).tensors, factors.tensors)
+
+
+def test_storage_policies_shrink_the_files_and_keep_the_preconditioner(fitted, tmp_path):
+    task, _, factors = fitted
+    full, lean = tmp_path / "full", tmp_path / "lean"
+    factors.save_pretrained(full)
+    factors.save_pretrained(lean, keep_covariances=False, eigenvector_dtype="bfloat16")
+    size = lambda folder: (folder / "factors.safetensors").stat().st_size  # noqa: E731
+    assert size(lean) < 0.45 * size(full)
+    loaded = hfi.InfluenceFactors.from_pretrained(lean, task=task)
+    assert not any(name.endswith("covariance") for name in loaded.tensors)
+    assert json.loads((lean / "config.json").read_text())["storage"] == {
+        "covariances": False,
+        "eigenvector_dtype": "bfloat16",
+    }
+    generator = torch.Generator().manual_seed(0)
+    for module, layer in factors.layers():
+        lean_layer = loaded.layer(module)
+        assert lean_layer["activation_eigenvectors"].dtype == torch.float32  # upcast for the maths
+        d_out, d_in = factors.config["shapes"][module]
+        gradient = torch.randn(3, d_out, d_in, generator=generator)
+        exact, _ = precondition(layer, gradient, None, 1e-3)
+        approx, _ = precondition(lean_layer, gradient, None, 1e-3)
+        assert (approx - exact).norm() <= 0.05 * exact.norm()
+    with pytest.raises(ValueError, match="eigenvector_dtype"):
+        factors.save_pretrained(tmp_path / "bad", eigenvector_dtype="int8")
+
+
+def test_memory_mapped_loading_gives_equal_tensors(fitted, tmp_path):
+    task, _, factors = fitted
+    factors.save_pretrained(tmp_path, eigenvector_dtype="bfloat16")
+    mapped = hfi.InfluenceFactors.from_pretrained(tmp_path, task=task, mmap=True)
+    read = hfi.InfluenceFactors.from_pretrained(tmp_path, task=task)
+    torch.testing.assert_close(mapped.tensors, read.tensors, rtol=0, atol=0)
+
+
+def test_a_truncated_shard_is_refused_by_its_recorded_size(fitted, tmp_path):
+    _, _, factors = fitted
+    files = factors.save_pretrained(tmp_path, max_shard_size=20_000)
+    shard = tmp_path / next(name for name in files if name.startswith("factors-"))
+    shard.write_bytes(shard.read_bytes()[:-10])
+    with pytest.raises(ValueError, match="truncated"):
+        hfi.InfluenceFactors.from_pretrained(tmp_path)

@@ -1,0 +1,109 @@
+"""Hub cards for factors (a model card) and gradient indices (a dataset card).
+
+A card says what the repo is, which pipeline and dataset it was computed from (with revisions), the
+settings that matter for using it, and how to load it; its metadata (`library_name: hf_influence`,
+`base_model`, `datasets`, tags) makes the repo findable and linked to its pipeline on the Hub.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from huggingface_hub import DatasetCard, DatasetCardData, ModelCard, ModelCardData
+
+TAGS = ["hf_influence", "influence-functions", "data-attribution", "diffusion"]
+
+
+def _hub_id(source: dict[str, Any] | None) -> str | None:
+    """A Hub repo id (`owner/name`) from a provenance record; local paths are not linked."""
+    repo_id = (source or {}).get("repo_id")
+    if not repo_id or repo_id.startswith((".", "/", "~")) or repo_id.count("/") != 1:
+        return None
+    return repo_id
+
+
+def _source_line(what: str, source: dict[str, Any] | None) -> str:
+    source = source or {}
+    name = source.get("repo_id") or "unknown"
+    revision = f" at revision `{source['revision']}`" if source.get("revision") else ""
+    split = f", split `{source['split']}`" if source.get("split") else ""
+    return f"- {what}: `{name}`{revision}{split}"
+
+
+def factors_card(config: dict[str, Any], repo_id: str | None = None) -> str:
+    """The model card of a factors repo, from its config.json."""
+    model, dataset = config.get("model", {}), config.get("dataset", {})
+    data = ModelCardData(
+        library_name="hf_influence",
+        base_model=_hub_id(model),
+        datasets=[_hub_id(dataset)] if _hub_id(dataset) else None,
+        tags=[*TAGS, "ekfac" if config["strategy"] == "ekfac" else "kfac"],
+    )
+    name = repo_id or "PATH_OR_REPO_ID"
+    storage = config.get("storage", {})
+    body = f"""
+# {config["strategy"].upper()} influence factors
+
+Curvature factors (K-FAC {config["approx"]}, GGN^{config["ggn"]}, {config["strategy"].upper()}) of a diffusion
+denoiser, for data attribution with the `hf_influence` library: they precondition query gradients so that
+scores against a gradient index estimate how much each training example influenced a generated image.
+
+## Computed from
+{_source_line("Pipeline", model)} (denoiser `{model.get("denoiser")}`, fingerprint `{model.get("fingerprint")}`)
+{_source_line("Dataset", dataset)}
+
+## Settings
+- {config["num_draws"]} (t, ε) draws ({config["draws_per_example"]} per example), seed {config["seed"]}
+- {len(config["modules"])} layers (module filter: `{config.get("module_filter")}`)
+- eigenvectors stored as {storage.get("eigenvector_dtype", config["dtype"])}; covariances \
+{"kept" if storage.get("covariances", True) else "dropped"}
+
+## Use
+
+```python
+import hf_influence as hfi
+
+factors = hfi.InfluenceFactors.from_pretrained("{name}")
+```
+
+Loading checks the pipeline's fingerprint: factors of another model are refused.
+"""
+    return str(ModelCard(f"---\n{data.to_yaml()}\n---\n{body}"))
+
+
+def index_card(config: dict[str, Any], repo_id: str | None = None) -> str:
+    """The dataset card of a gradient-index repo, from its config.json."""
+    model, dataset = config.get("model", {}), config.get("dataset", {})
+    data = DatasetCardData(
+        pretty_name="hf_influence gradient index",
+        source_datasets=[_hub_id(dataset)] if _hub_id(dataset) else None,
+        tags=[*TAGS, "gradient-index"],
+        library_name="hf_influence",
+        base_model=_hub_id(model),
+    )
+    compression = config["compression"] + (f" + {config['quantize_bits']}-bit" if config["quantize_bits"] else "")
+    name = repo_id or "PATH_OR_REPO_ID"
+    body = f"""
+# Training-gradient index
+
+Per-example training-loss gradients of a diffusion denoiser, stored raw (not preconditioned) for data
+attribution with hf_influence: one index serves any damping and refitted factors.
+
+## Computed from
+{_source_line("Pipeline", model)} (denoiser `{model.get("denoiser")}`, fingerprint `{model.get("fingerprint")}`)
+{_source_line("Dataset", dataset)} (id column `{dataset.get("id_column", config.get("id_column"))}`)
+
+## Settings
+- {config["num_examples"]} examples in {len(config["shards"])} shards
+- {config["num_draws"]} (t, ε) draws per example, seed {config["seed"]}
+- compression: {compression}; {len(config["modules"])} layers
+
+## Use
+
+```python
+import hf_influence as hfi
+
+index = hfi.GradientIndex.from_pretrained("{name}")
+```
+"""
+    return str(DatasetCard(f"---\n{data.to_yaml()}\n---\n{body}"))
