@@ -2,7 +2,24 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import socket
+import tempfile
 from types import SimpleNamespace
+from urllib.parse import urlsplit
+
+# The Hub: the HF libraries read these once, at import, so they are set before any of them is imported. Every
+# Hub call of the test session goes to the local Hub of the `hub` fixture (tests/hub_server.py) on a free port,
+# never to huggingface.co; downloads are cached in a throwaway HF_HOME (no saved token, no user cache). Xet is
+# off: the local Hub serves plain HTTP and git-LFS. A user's HF_TOKEN is left alone (the local Hub treats any
+# token but its own as anonymous); tests pass `hub.token` explicitly.
+with socket.socket() as _socket:
+    _socket.bind(("127.0.0.1", 0))
+    os.environ["HF_ENDPOINT"] = f"http://127.0.0.1:{_socket.getsockname()[1]}"
+os.environ["HF_HOME"] = tempfile.mkdtemp(prefix="hf_influence_tests_hf_home_")
+os.environ["HF_HUB_DISABLE_XET"] = "1"
+os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
 
 import datasets
 import pytest
@@ -82,3 +99,25 @@ def unet_task() -> hfi.DiffusionTask:
 @pytest.fixture(scope="session")
 def digits8() -> datasets.Dataset:
     return mnist_dataset(32, 8)
+
+
+@pytest.fixture(scope="session")
+def hub(tmp_path_factory: pytest.TempPathFactory):
+    """The local Hub at HF_ENDPOINT (`hub_server.LocalHub`), started by the first test that asks for it."""
+    from hub_server import LocalHub
+    from huggingface_hub import constants
+
+    endpoint = os.environ["HF_ENDPOINT"]
+    if endpoint != constants.ENDPOINT or not constants.HF_HUB_DISABLE_XET:
+        raise RuntimeError(
+            f"huggingface_hub was imported before tests/conftest.py set HF_ENDPOINT={endpoint} and "
+            f"HF_HUB_DISABLE_XET=1 (it reads ENDPOINT={constants.ENDPOINT}): a pytest plugin imports it too early."
+        )
+    local_hub = LocalHub(port=urlsplit(endpoint).port, root=tmp_path_factory.mktemp("hub"))
+    local_hub.start()
+    yield local_hub
+    local_hub.stop()
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    shutil.rmtree(os.environ["HF_HOME"], ignore_errors=True)
