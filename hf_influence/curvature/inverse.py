@@ -3,11 +3,17 @@
 For a weight-gradient matrix `V` (d_out × d_in) and eigenvalues `Λ` (EK-FAC: corrected,
 K-FAC: `λ^G_i λ^A_j`), `P V = Q_G [(Q_Gᵀ V Q_A) ⊘ (Λ + λ)] Q_Aᵀ`; the bias block uses
 `Q_G [(Q_Gᵀ v) ⊘ (λ^b + λ)]`. Damping is absolute: added to every eigenvalue.
+
+A layer whose activation basis is truncated to `k` eigenvectors (`large_layers.py`) is represented in the
+eigenbasis by `[Q_Gᵀ V Q_k | Q_Gᵀ V (I − Q_k Q_kᵀ)]` (d_out × (k + d_in)): the kept directions, then the
+complement in the parameter basis, divided by its one eigenvalue per gradient direction.
 """
 
 from __future__ import annotations
 
 import torch
+
+from .large_layers import complement, is_truncated, residual_eigenvalues
 
 Layer = dict[str, torch.Tensor]
 
@@ -29,7 +35,10 @@ def to_eigenbasis(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Rotate batched gradients `(Q, d_out, d_in)` and `(Q, d_out)` into the K-FAC eigenbasis."""
     q_a, q_g = layer["activation_eigenvectors"], layer["gradient_eigenvectors"]
-    weight = q_g.T @ weight.to(q_g.dtype) @ q_a
+    rotated = q_g.T @ weight.to(q_g.dtype)
+    weight = rotated @ q_a
+    if is_truncated(layer):
+        weight = torch.cat([weight, complement(rotated, q_a, weight)], dim=-1)
     return weight, None if bias is None else bias.to(q_g.dtype) @ q_g
 
 
@@ -37,7 +46,11 @@ def from_eigenbasis(
     layer: Layer, weight: torch.Tensor, bias: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     q_a, q_g = layer["activation_eigenvectors"], layer["gradient_eigenvectors"]
-    return q_g @ weight @ q_a.T, None if bias is None else bias @ q_g.T
+    rank = q_a.shape[1]
+    rotated = weight[..., :rank] @ q_a.T
+    if is_truncated(layer):
+        rotated = rotated + weight[..., rank:]
+    return q_g @ rotated, None if bias is None else bias @ q_g.T
 
 
 def precondition(
@@ -56,7 +69,14 @@ def precondition_in_eigenbasis(
     if damping < 0:
         raise ValueError(f"damping must be non-negative, got {damping}.")
     weight_eigenvalues, bias_eigenvalues = eigenvalues(layer)
-    weight = weight / (weight_eigenvalues + damping)
+    rank = weight_eigenvalues.shape[-1]
+    if is_truncated(layer):
+        residual = residual_eigenvalues(layer)[:, None]
+        weight = torch.cat(
+            [weight[..., :rank] / (weight_eigenvalues + damping), weight[..., rank:] / (residual + damping)], -1
+        )
+    else:
+        weight = weight / (weight_eigenvalues + damping)
     if bias is not None:
         bias = bias / (bias_eigenvalues + damping)
     return from_eigenbasis(layer, weight, bias)

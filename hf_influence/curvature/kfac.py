@@ -12,14 +12,30 @@ and replaces the eigenvalues by the second moments of per-draw gradients in that
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
+from .large_layers import complement
 from .layers import LayerKind, layer_kind
 
 APPROXIMATIONS = ("expand", "reduce")
 # Per-draw rotated gradients are formed in chunks of at most this many elements.
 _CHUNK_ELEMENTS = 1 << 25
+
+
+def without_autocast(hook: Callable) -> Callable:
+    """Run a statistics hook outside `torch.autocast`: the hooks fire inside the model's forward and
+    backward, where an autocast matmul would round every covariance product to bf16/fp16."""
+
+    @functools.wraps(hook)
+    def wrapper(self, name: str, module: nn.Module, kind: type[LayerKind], inputs: torch.Tensor, *rest) -> None:
+        with torch.autocast(inputs.device.type, enabled=False):
+            hook(self, name, module, kind, inputs, *rest)
+
+    return wrapper
 
 
 class CovarianceAccumulator:
@@ -41,6 +57,7 @@ class CovarianceAccumulator:
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         _load_prefixed(state, activation=self.activation, gradient=self.gradient)
 
+    @without_autocast
     def on_forward(self, name: str, module: nn.Module, kind: type[LayerKind], inputs: torch.Tensor) -> None:
         a = kind.activations(module, inputs).to(self.dtype)
         if self.approx == "expand":
@@ -50,6 +67,7 @@ class CovarianceAccumulator:
             rows = a.mean(dim=1)
             self.activation[name] += rows.T @ rows
 
+    @without_autocast
     def on_backward(
         self, name: str, module: nn.Module, kind: type[LayerKind], inputs: torch.Tensor, grad: torch.Tensor
     ) -> None:
@@ -72,20 +90,27 @@ class EigenvalueCorrectionAccumulator:
         self.gradient_eigenvectors = gradient_eigenvectors
         self.dtype = dtype
         shapes = _shapes(layers)
-        self.weight = {name: _zeros(layers[name], shape, dtype) for name, shape in shapes.items()}
+        # A truncated activation basis (large_layers.py) keeps k < d_in eigenvectors: k corrected columns,
+        # plus one sum per gradient direction for the energy in the complement.
+        ranks = {name: activation_eigenvectors[name].shape[1] for name in layers}
+        self.weight = {name: _zeros(layers[name], (d_out, ranks[name]), dtype) for name, (d_out, _) in shapes.items()}
         self.bias = {
             name: _zeros(layers[name], (d_out,), dtype)
             for name, (d_out, _) in shapes.items()
             if layers[name].bias is not None
         }
+        self.residual = {
+            name: _zeros(layers[name], (d_out,), dtype) for name, (d_out, d_in) in shapes.items() if ranks[name] < d_in
+        }
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The running sums, for checkpoints."""
-        return _prefixed(weight=self.weight, bias=self.bias)
+        return _prefixed(weight=self.weight, bias=self.bias, residual=self.residual)
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        _load_prefixed(state, weight=self.weight, bias=self.bias)
+        _load_prefixed(state, weight=self.weight, bias=self.bias, residual=self.residual)
 
+    @without_autocast
     def on_backward(
         self, name: str, module: nn.Module, kind: type[LayerKind], inputs: torch.Tensor, grad: torch.Tensor
     ) -> None:
@@ -94,23 +119,30 @@ class EigenvalueCorrectionAccumulator:
         g = kind.output_gradients(module, grad).to(self.dtype)  # (S, R, d_out)
         positions, (d_out, d_in) = g.shape[1], kind.weight_shape(module)
         bias_gradients = g.sum(dim=1)  # (S, d_out)
+        truncated = name in self.residual
         # Either rotate a and g and sum their products over positions, or form each draw's ∇W_s
         # (the layer's own weight-gradient kernel) and rotate it: whichever needs fewer multiplications.
-        rotate_first = positions * (d_in * d_in + d_out * d_out) < d_out * d_in * (d_in + d_out)
+        # A truncated basis needs ∇W_s itself, for the energy outside the kept directions.
+        rotate_first = not truncated and positions * (d_in * d_in + d_out * d_out) < d_out * d_in * (d_in + d_out)
         if rotate_first:
             a, rotated_g = kind.activations(module, inputs).to(self.dtype) @ q_a, g @ q_g
         else:
             inputs, grad = inputs.to(self.dtype), grad.to(self.dtype)
         chunk = max(1, _CHUNK_ELEMENTS // (d_out * d_in))
-        squares = 0
+        squares, residual = 0, 0
         for start in range(0, len(g), chunk):
             rows = slice(start, min(start + chunk, len(g)))
             if rotate_first:
                 per_draw = rotated_g[rows].transpose(1, 2) @ a[rows]
             else:
-                per_draw = q_g.T @ kind.summed_gradients(module, inputs[rows], grad[rows], rows.stop - start) @ q_a
+                rotated = q_g.T @ kind.summed_gradients(module, inputs[rows], grad[rows], rows.stop - start)
+                per_draw = rotated @ q_a
+                if truncated:
+                    residual = residual + complement(rotated, q_a, per_draw).pow(2).sum(dim=(0, 2))
             squares = squares + per_draw.pow(2).sum(dim=0)
         self.weight[name] += squares
+        if truncated:
+            self.residual[name] += residual / (d_in - q_a.shape[1])
         if module.bias is not None:
             self.bias[name] += (bias_gradients @ q_g).pow(2).sum(dim=0)
 
