@@ -1,4 +1,4 @@
-"""The `hf-influence` command line: `train-ddpm`, `fit-factors`, `build-index` and `attribute`.
+"""The `hf-influence` command line: `train-ddpm`, `fit-factors`, `build-index`, `attribute` and `lds`.
 
 Each subcommand is also a script in `scripts/` (runnable with `python` or `accelerate launch`);
 both call the functions here, so the options and behaviour are the same either way.
@@ -65,6 +65,8 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dataset", required=True, help="training set: Hub id, local folder or parquet file")
     parser.add_argument("--split", default="train")
     parser.add_argument("--streaming", action="store_true", help="stream the dataset instead of loading it")
+    parser.add_argument("--pipeline-revision", help="branch, tag or commit of a Hub pipeline")
+    parser.add_argument("--dataset-revision", help="branch, tag or commit of a Hub dataset")
     parser.add_argument(
         "--image-column",
         default=None,
@@ -79,6 +81,11 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_push_arguments(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument("--push-to-hub", metavar="REPO_ID", help=f"also upload the {what} to this Hub repo")
+    parser.add_argument("--private", action="store_true", help="create the Hub repo as private")
+
+
 def training_setting(pipeline: str, name: str, given: Any, fallback: Any) -> Any:
     """An explicit option, else what train_ddpm recorded beside the pipeline, else `fallback`:
     the task must see the data as training did (column, flips) or the curvature is of another loss."""
@@ -91,23 +98,31 @@ def training_setting(pipeline: str, name: str, given: Any, fallback: Any) -> Any
 
 
 def load_pipeline(args: argparse.Namespace, device: Any) -> tuple[Any, Any]:
-    """The `--pipeline` on `device` and its DiffusionTask, reading the data as training did."""
+    """The `--pipeline` (a folder or Hub id) on `device` and its DiffusionTask, reading the data as training did."""
     from diffusers import DiffusionPipeline
 
+    from .hub import download_pipeline
     from .task import DiffusionTask
 
-    pipeline = DiffusionPipeline.from_pretrained(args.pipeline).to(device)
-    return pipeline, DiffusionTask.from_pipeline(
+    folder, source = download_pipeline(args.pipeline, args.pipeline_revision)
+    pipeline = DiffusionPipeline.from_pretrained(folder).to(device)
+    task = DiffusionTask.from_pipeline(
         pipeline,
-        image_column=training_setting(args.pipeline, "image_column", args.image_column, "image"),
-        random_flip=training_setting(args.pipeline, "random_flip", args.random_flip, False),
+        image_column=training_setting(folder, "image_column", args.image_column, "image"),
+        random_flip=training_setting(folder, "random_flip", args.random_flip, False),
     )
+    task.source = source
+    return pipeline, task
 
 
-def load_dataset(args: argparse.Namespace) -> Any:
-    from .datasets_io import load_training_dataset
+def load_dataset(args: argparse.Namespace) -> tuple[Any, Any]:
+    """The `--dataset` split and its `DatasetSource` (a Hub revision resolved to its commit)."""
+    from .datasets_io import load_training_dataset, resolve_dataset_source
 
-    return load_training_dataset(args.dataset, args.split, args.streaming)
+    source = resolve_dataset_source(
+        args.dataset, args.split, args.dataset_revision, getattr(args, "id_column", None) or "id"
+    )
+    return load_training_dataset(args.dataset, args.split, args.streaming, source.revision), source
 
 
 # ---------------------------------------------------------------------------- train-ddpm
@@ -121,6 +136,8 @@ def add_train_ddpm_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--streaming", action="store_true", help="stream the dataset instead of loading it")
     parser.add_argument("--output-dir", required=True, help="where the pipeline and checkpoints go")
     parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --output-dir")
+    parser.add_argument("--dataset-revision", help="branch, tag or commit of a Hub dataset")
+    add_push_arguments(parser, "pipeline (without the checkpoints)")
     add_config_options(parser, TrainConfig)
 
 
@@ -132,9 +149,17 @@ def run_train_ddpm(args: argparse.Namespace) -> None:
 
     config = config_from_args(args, TrainConfig)
     accelerator = Accelerator(mixed_precision=config.mixed_precision)
-    train_ddpm(load_dataset(args), config, args.output_dir, accelerator=accelerator, resume=args.resume)
+    dataset, _ = load_dataset(args)
+    train_ddpm(dataset, config, args.output_dir, accelerator=accelerator, resume=args.resume)
     if accelerator.is_main_process:
         print(f"Saved the DDPMPipeline to {args.output_dir}")
+        if args.push_to_hub:
+            from .hub import push_folder
+
+            commit = push_folder(
+                args.output_dir, args.push_to_hub, "model", ignore=["checkpoints/*"], private=args.private or None
+            )
+            print(f"Pushed the pipeline to {commit.commit_url}")
 
 
 # ---------------------------------------------------------------------------- fit-factors
@@ -148,6 +173,7 @@ def add_fit_factors_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint-dir", help="save each process's running sums here, to resume after a crash")
     parser.add_argument("--checkpoint-every", type=int, default=100, help="batches between checkpoints")
     parser.add_argument("--resume", action="store_true", help="continue the fit checkpointed in --checkpoint-dir")
+    add_push_arguments(parser, "factors")
     add_config_options(parser, FactorConfig)
 
 
@@ -161,18 +187,23 @@ def run_fit_factors(args: argparse.Namespace) -> None:
     config = config_from_args(args, FactorConfig)
     accelerator = Accelerator()
     _, task = load_pipeline(args, accelerator.device)
+    dataset, source = load_dataset(args)
     factors = fit_factors(
         task,
-        load_dataset(args),
+        dataset,
         config,
         accelerator=accelerator,
         checkpoint_dir=args.checkpoint_dir,
         checkpoint_every=args.checkpoint_every,
         resume=args.resume,
+        dataset_source=source,
     )
     if accelerator.is_main_process:
         factors.save_pretrained(args.output_dir)
         print(f"Saved {factors.strategy} factors of {len(factors.modules)} layers to {args.output_dir}")
+        if args.push_to_hub:
+            commit = factors.push_to_hub(args.push_to_hub, private=args.private or None)
+            print(f"Pushed the factors to {commit.commit_url}")
     accelerator.wait_for_everyone()
 
 
@@ -184,6 +215,7 @@ def add_build_index_arguments(parser: argparse.ArgumentParser) -> None:
 
     add_data_arguments(parser)
     parser.add_argument("--output-dir", required=True, help="where the index shards are written (resumable)")
+    add_push_arguments(parser, "index (a dataset repo)")
     add_config_options(parser, IndexConfig)
 
 
@@ -196,9 +228,13 @@ def run_build_index(args: argparse.Namespace) -> None:
     config = config_from_args(args, IndexConfig)
     accelerator = Accelerator()
     _, task = load_pipeline(args, accelerator.device)
-    index = build_index(task, load_dataset(args), config, args.output_dir, accelerator=accelerator)
+    dataset, source = load_dataset(args)
+    index = build_index(task, dataset, config, args.output_dir, accelerator=accelerator, dataset_source=source)
     if accelerator.is_main_process:
         print(f"Indexed {len(index)} examples in {args.output_dir}")
+        if args.push_to_hub:
+            commit = index.push_to_hub(args.push_to_hub, private=args.private or None)
+            print(f"Pushed the index to {commit.commit_url}")
 
 
 # ---------------------------------------------------------------------------- attribute
@@ -209,8 +245,10 @@ def add_attribute_arguments(parser: argparse.ArgumentParser) -> None:
     from .measurements import MEASUREMENTS
 
     add_data_arguments(parser)
-    parser.add_argument("--factors", required=True, help="folder of fitted factors (fit-factors --output-dir)")
-    parser.add_argument("--index", required=True, help="folder of the gradient index (build-index --output-dir)")
+    parser.add_argument("--factors", required=True, help="factors: a folder (fit-factors --output-dir) or Hub id")
+    parser.add_argument("--factors-revision", help="branch, tag or commit of Hub factors")
+    parser.add_argument("--index", required=True, help="gradient index: a folder (build-index --output-dir) or Hub id")
+    parser.add_argument("--index-revision", help="branch, tag or commit of a Hub index")
     parser.add_argument("--label-column", default="label", help="dataset column printed beside each id, if present")
     parser.add_argument("--id-column", default="id", help="dataset column with the ids the index was built with")
     queries = parser.add_mutually_exclusive_group(required=True)
@@ -273,9 +311,10 @@ def run_attribute(args: argparse.Namespace) -> None:
     if not accelerator.is_main_process:  # a query is one process's work; the others would race on the outputs
         return
     pipeline, task = load_pipeline(args, accelerator.device)
-    dataset = load_dataset(args)
-    factors = InfluenceFactors.from_pretrained(args.factors, task=task)
-    attributor = Attributor(task, factors, GradientIndex.from_pretrained(args.index), damping=args.damping)
+    dataset, _ = load_dataset(args)
+    factors = InfluenceFactors.from_pretrained(args.factors, task=task, revision=args.factors_revision)
+    index = GradientIndex.from_pretrained(args.index, revision=args.index_revision)
+    attributor = Attributor(task, factors, index, damping=args.damping)
     images, sources = query_images(args, pipeline)
     result = attributor.attribute(
         images, measurement=args.measurement, top_k=args.top_k, num_draws=args.num_draws, seed=args.seed
@@ -308,6 +347,49 @@ def run_attribute(args: argparse.Namespace) -> None:
     print(f"Saved attribution.json and {len(records)} grids to {output_dir}")
 
 
+# ---------------------------------------------------------------------------- lds
+
+
+def add_lds_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--ground-truth", required=True, help="saved LDS ground truth: a folder or a Hub dataset repo id"
+    )
+    parser.add_argument("--revision", default=None, help="revision of a Hub ground-truth repo")
+    parser.add_argument(
+        "--scores",
+        required=True,
+        nargs="+",
+        metavar="FILE",
+        help="safetensors files of [queries, training examples] score matrices (every tensor is evaluated)",
+    )
+    parser.add_argument("--output", default=None, help="also write the results to this JSON file")
+
+
+def run_lds(args: argparse.Namespace) -> None:
+    """Linear Datamodelling Score of score matrices against a saved ground truth (mean ± s.e. over queries)."""
+    from safetensors.torch import load_file
+
+    from .evaluation import GroundTruth, exact_retraining_ceiling, lds
+
+    ground_truth = GroundTruth.from_pretrained(args.ground_truth, revision=args.revision)
+    results = {}
+    for path in args.scores:
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"Score file not found: {path}")
+        for name, scores in load_file(path).items():
+            key = name if len(args.scores) == 1 else f"{Path(path).stem}/{name}"
+            results[key] = lds(scores, ground_truth)
+            print(f"{key}: LDS {results[key]}")
+    if ground_truth.num_seeds > 1:
+        results["exact retraining (ceiling)"] = exact_retraining_ceiling(ground_truth)
+        print(f"exact retraining (ceiling): {results['exact retraining (ceiling)']}")
+    if args.output:
+        from .files import atomic_write
+
+        summary = json.dumps({name: {"mean": r.mean, "stderr": r.stderr} for name, r in results.items()}, indent=2)
+        atomic_write(Path(args.output), lambda temp: Path(temp).write_text(summary))
+
+
 # ---------------------------------------------------------------------------- entry points
 
 COMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], None]]] = {
@@ -315,6 +397,7 @@ COMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Callable[[a
     "fit-factors": (add_fit_factors_arguments, run_fit_factors),
     "build-index": (add_build_index_arguments, run_build_index),
     "attribute": (add_attribute_arguments, run_attribute),
+    "lds": (add_lds_arguments, run_lds),
 }
 
 

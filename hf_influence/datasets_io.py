@@ -6,9 +6,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from .provenance import DatasetSource
 
-def load_training_dataset(path_or_id: str, split: str = "train", streaming: bool = False) -> Any:
-    """One split of a dataset, as a `datasets.Dataset` (or an `IterableDataset` with `streaming=True`)."""
+
+def load_training_dataset(
+    path_or_id: str, split: str = "train", streaming: bool = False, revision: str | None = None
+) -> Any:
+    """One split of a dataset, as a `datasets.Dataset` (or an `IterableDataset` with `streaming=True`);
+    `revision` (a branch, tag or commit) applies to Hub datasets."""
     import datasets
 
     path = Path(path_or_id)
@@ -21,4 +26,17 @@ def load_training_dataset(path_or_id: str, split: str = "train", streaming: bool
         return saved.to_iterable_dataset() if streaming else saved
     if path.is_file() and path.suffix == ".parquet":
         return datasets.load_dataset("parquet", data_files=str(path), split=split, streaming=streaming)
-    return datasets.load_dataset(path_or_id, split=split, streaming=streaming)
+    return datasets.load_dataset(path_or_id, split=split, streaming=streaming, revision=revision)
+
+
+def resolve_dataset_source(
+    path_or_id: str, split: str, revision: str | None = None, id_column: str = "id"
+) -> DatasetSource:
+    """Where a training set comes from, with a Hub dataset's revision resolved to its commit, so that
+    factors and indices record exactly which data they were computed on (offline: the revision as given)."""
+    from huggingface_hub import HfApi, constants
+
+    if Path(path_or_id).exists() or constants.HF_HUB_OFFLINE:
+        return DatasetSource(path_or_id, revision, split, id_column)
+    commit = HfApi().dataset_info(path_or_id, revision=revision).sha
+    return DatasetSource(path_or_id, commit, split, id_column)

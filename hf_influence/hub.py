@@ -168,7 +168,8 @@ def push_folder(
     folder: str | os.PathLike,
     repo_id: str,
     repo_type: str,
-    files: Iterable[str],
+    files: Iterable[str] | None = None,
+    ignore: Iterable[str] = (),
     private: bool | None = None,
     token: str | bool | None = None,
     revision: str | None = None,
@@ -176,7 +177,8 @@ def push_folder(
     create_pr: bool = False,
     stale_patterns: Iterable[str] = (),
 ) -> Any:
-    """Create the repo if needed and upload `files` of `folder` in one commit; returns its `CommitInfo`.
+    """Create the repo if needed and upload `files` of `folder` (all but `ignore` patterns when None) in
+    one commit; returns its `CommitInfo`.
 
     `stale_patterns` name remote files of an older save that this one replaces (e.g. shards of another
     count): they are deleted in the same commit unless uploaded again.
@@ -192,6 +194,7 @@ def push_folder(
         revision=revision,
         commit_message=commit_message,
         create_pr=create_pr,
-        allow_patterns=list(files),
+        allow_patterns=None if files is None else list(files),
+        ignore_patterns=list(ignore) or None,
         delete_patterns=list(stale_patterns) or None,
     )
