@@ -91,15 +91,16 @@ class RepoFiles:
             raise FileNotFoundError(
                 f"The {self.repo_type} repo {self.source!r} has no revision {revision!r}."
             ) from error
-        except EntryNotFoundError as error:
-            raise FileNotFoundError(
-                f"The {self.repo_type} repo {self.source!r} at revision {revision} has no file {name!r}: it is not a "
-                "complete hf_influence repo."
-            ) from error
+        # LocalEntryNotFoundError is a subclass of EntryNotFoundError: it must come first.
         except LocalEntryNotFoundError as error:
             raise FileNotFoundError(
                 f"{name} of {self.source!r} is not in the local Hub cache, and the Hub cannot be reached (offline "
                 "mode, or no connection). Download it once while online."
+            ) from error
+        except EntryNotFoundError as error:
+            raise FileNotFoundError(
+                f"The {self.repo_type} repo {self.source!r} at revision {revision or 'main'} has no file {name!r}: it is not a "
+                "complete hf_influence repo."
             ) from error
 
 
