@@ -99,8 +99,8 @@ class RepoFiles:
             ) from error
         except EntryNotFoundError as error:
             raise FileNotFoundError(
-                f"The {self.repo_type} repo {self.source!r} at revision {revision or 'main'} has no file {name!r}: it is not a "
-                "complete hf_influence repo."
+                f"The {self.repo_type} repo {self.source!r} at revision {revision or 'main'} has no file {name!r}: "
+                "it is not a complete hf_influence repo."
             ) from error
 
 
