@@ -4,19 +4,18 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import tempfile
 from types import SimpleNamespace
 from urllib.parse import urlsplit
+
+from hub_server import reserve_endpoint
 
 # The Hub: the HF libraries read these once, at import, so they are set before any of them is imported. Every
 # Hub call of the test session goes to the local Hub of the `hub` fixture (tests/hub_server.py) on a free port,
 # never to huggingface.co; downloads are cached in a throwaway HF_HOME (no saved token, no user cache). Xet is
 # off: the local Hub serves plain HTTP and git-LFS. A user's HF_TOKEN is left alone (the local Hub treats any
 # token but its own as anonymous); tests pass `hub.token` explicitly.
-with socket.socket() as _socket:
-    _socket.bind(("127.0.0.1", 0))
-    os.environ["HF_ENDPOINT"] = f"http://127.0.0.1:{_socket.getsockname()[1]}"
+os.environ["HF_ENDPOINT"] = reserve_endpoint()
 os.environ["HF_HOME"] = tempfile.mkdtemp(prefix="hf_influence_tests_hf_home_")
 os.environ["HF_HUB_DISABLE_XET"] = "1"
 os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"

@@ -13,6 +13,9 @@ uploads, pull requests (`create_pr`), pagination, `.gitignore` handling, revisio
 
 File contents live in a temporary directory, keyed by sha256; repos, commits and refs live in memory, so a
 stopped server restarts with the same repos (`LocalHub.stop()` / `LocalHub.start()`).
+
+This module imports no Hugging Face library at import time: conftest.py imports it to reserve the Hub's port
+before HF_ENDPOINT is set and any HF library reads it.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import hashlib
 import json
 import re
 import secrets
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -89,6 +93,23 @@ LFS_SUFFIXES = (
 )
 LFS_MIN_SIZE = 10 * 1024 * 1024
 GITATTRIBUTES = "".join(f"*{suffix} filter=lfs diff=lfs merge=lfs -text\n" for suffix in LFS_SUFFIXES).encode()
+
+
+# Ports reserved by `reserve_endpoint`: bound (so no other socket can take them) until the Hub first serves on them.
+_RESERVED_SOCKETS: dict[int, socket.socket] = {}
+
+
+def reserve_endpoint() -> str:
+    """A free local port for the Hub, held from now until `LocalHub.start` listens on it: the endpoint must be
+    known when the test session starts (the HF libraries read HF_ENDPOINT at import), the Hub starts later."""
+    reserved = socket.socket()
+    # As asyncio sets for its own listeners: so that a restarted Hub can bind the port again at once, despite the
+    # connections of the stopped one lingering in TIME_WAIT.
+    reserved.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    reserved.bind(("127.0.0.1", 0))
+    port = reserved.getsockname()[1]
+    _RESERVED_SOCKETS[port] = reserved
+    return f"http://127.0.0.1:{port}"
 
 
 class HubError(Exception):
@@ -253,6 +274,9 @@ class LocalHubApp:
             Route("/api/repos/delete", self.delete_repo, methods=["DELETE"]),
             Route(f"/api/{repo}", self.repo_info),
             Route(f"/api/{repo}/revision/{{revision}}", self.repo_info),
+            # A bare name (no namespace) is a missing repo, as it is on the Hub for anything but legacy models.
+            Route("/api/{kind}/{name}", self.repo_info),
+            Route("/api/{kind}/{name}/revision/{revision}", self.repo_info),
             Route(f"/api/{repo}/settings", self.update_settings, methods=["PUT"]),
             Route(f"/api/{repo}/tree/{{revision}}", self.tree),
             Route(f"/api/{repo}/tree/{{revision}}/{{path:path}}", self.tree),
@@ -299,6 +323,8 @@ class LocalHubApp:
         kind = params.get("kind", "models")
         if kind not in REPO_KINDS:
             raise HubError(404, f"Unknown repo kind {kind!r}")
+        if "namespace" not in params:
+            return REPO_KINDS[kind], params["name"]
         return REPO_KINDS[kind], f"{params['namespace']}/{params['name']}"
 
     def get_repo(self, request: Request, write: bool = False) -> Repo:
@@ -774,7 +800,10 @@ class LocalHub:
             timeout_graceful_shutdown=2,
         )
         self._server = uvicorn.Server(config)
-        self._thread = threading.Thread(target=self._server.run, name="local-hub", daemon=True)
+        reserved = _RESERVED_SOCKETS.pop(self.port, None)
+        self._thread = threading.Thread(
+            target=self._server.run, kwargs={"sockets": [reserved] if reserved else None}, name="local-hub", daemon=True
+        )
         self._thread.start()
         deadline = time.monotonic() + timeout
         while not self._server.started:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import uuid
 from pathlib import Path
 
@@ -58,6 +59,19 @@ def write_model_folder(folder: Path, version: int) -> dict[str, bytes]:
     (folder / "sub").mkdir()
     (folder / "sub" / "notes.txt").write_text(f"notes of version {version}\n")
     return {str(path.relative_to(folder)): path.read_bytes() for path in folder.rglob("*") if path.is_file()}
+
+
+def test_every_client_points_at_the_local_hub(hub):
+    """The HF libraries read these at import: conftest.py must have set them before any of them was imported."""
+    import datasets.config
+    from diffusers.utils.constants import HUGGINGFACE_CO_RESOLVE_ENDPOINT
+
+    endpoints = [constants.ENDPOINT, datasets.config.HF_ENDPOINT, HUGGINGFACE_CO_RESOLVE_ENDPOINT]
+    assert endpoints == [hub.endpoint] * 3
+    assert constants.HF_HUB_DISABLE_XET
+    assert Path(constants.HF_HUB_CACHE).is_relative_to(os.environ["HF_HOME"])
+    assert Path(datasets.config.HF_DATASETS_CACHE).is_relative_to(os.environ["HF_HOME"])
+    assert hub.api.whoami()["name"] == USER
 
 
 def test_upload_download_history_and_errors(hub, tmp_path):
@@ -149,6 +163,8 @@ def test_upload_download_history_and_errors(hub, tmp_path):
         hf_hub_download(repo_id, "README.md", token=False, cache_dir=tmp_path / "anonymous-cache")
     with pytest.raises(HfHubHTTPError):
         anonymous.upload_file(path_or_fileobj=b"x", path_in_repo="x.txt", repo_id=repo_id)
+    api.update_repo_settings(repo_id, private=False)
+    assert not anonymous.repo_info(repo_id).private
 
     # Dataset repos live in their own namespace of URLs.
     dataset_id = new_repo_id()
@@ -201,7 +217,8 @@ def test_datasets_round_trip(hub):
 
     dataset = mnist_demo_dataset(20, 8)
     repo_id = new_repo_id()
-    dataset.push_to_hub(repo_id, token=hub.token, private=True)
+    # A bare name goes to the token owner's namespace, as on the Hub.
+    dataset.push_to_hub(repo_id.split("/")[1], token=hub.token, private=True)
     assert any(name.endswith(".parquet") for name in hub.api.list_repo_files(repo_id, repo_type="dataset"))
 
     def same_rows(rows) -> None:
