@@ -2,6 +2,7 @@
 
 __version__ = "0.1.0"
 
+from . import baselines, evaluation
 from .attribution import AttributionResult, Attributor, pairwise_scores
 from .factors import FactorConfig, InfluenceFactors
 from .fitting import fit_factors
@@ -34,7 +35,9 @@ __all__ = [
     "TrainConfig",
     "WeightedLoss",
     "__version__",
+    "baselines",
     "build_index",
+    "evaluation",
     "fit_factors",
     "get_measurement",
     "pairwise_scores",

@@ -1,0 +1,34 @@
+"""Evaluation of attribution scores against retraining (`method.md` §8).
+
+* `random_subsets`: the LDS subsets (α, count, seed), as a boolean mask of kept examples.
+* `retrain_subsets` / `retrain_without`: one model per (subset, seed) with `train_ddpm`, resumable,
+  skipping finished runs.
+* `measure`: a measurement of generated samples with common random numbers (draws seeded per query).
+* `GroundTruth`: the subsets and the measured retrained models (safetensors + JSON, Hub dataset repo).
+* `lds`, `exact_retraining_ceiling`: the Linear Datamodelling Score and its retraining-noise ceiling.
+* `top_k_removal`: retraining without each query's top-k examples, against removing k random ones.
+"""
+
+from .ground_truth import GroundTruth, build_ground_truth, measure, measure_models
+from .lds import LDSResult, exact_retraining_ceiling, lds, predicted_changes, spearman
+from .retraining import RetrainedModel, retrain_subsets, retrain_without
+from .subsets import random_subsets
+from .top_k_removal import TopKRemovalResult, top_k_removal
+
+__all__ = [
+    "GroundTruth",
+    "LDSResult",
+    "RetrainedModel",
+    "TopKRemovalResult",
+    "build_ground_truth",
+    "exact_retraining_ceiling",
+    "lds",
+    "measure",
+    "measure_models",
+    "predicted_changes",
+    "random_subsets",
+    "retrain_subsets",
+    "retrain_without",
+    "spearman",
+    "top_k_removal",
+]
