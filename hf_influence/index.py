@@ -339,11 +339,13 @@ def _examples_per_shard(config: IndexConfig, compressor: Any, shapes: dict[str, 
     one example's gradients: every compressor stores the same bytes for any example)."""
     if config.max_shard_bytes is None:
         return config.shard_size
-    per_example, header = 8, 256  # its id; the safetensors header, generously 256 bytes per tensor
+    # Bytes per example (its id, then its tensors), and the header: a JSON entry of about 64 characters
+    # (dtype, shape, offsets) plus the name, per tensor.
+    per_example, header = 8, 128
     for name, (d_out, d_in) in shapes.items():
         stored = compressor.encode(name, torch.ones(1, d_out, d_in), torch.ones(1, d_out))
         per_example += sum(value.numel() * value.element_size() for value in stored.values())
-        header += 256 * len(stored)
+        header += sum(64 + len(f"{name}.{key}") for key in stored)
     if per_example + header > config.max_shard_bytes:
         raise ValueError(
             f"One example's compressed gradients take {per_example + header} bytes with the file header, more "

@@ -220,3 +220,20 @@ def test_save_pretrained_copies_a_loadable_index(setup, tmp_path):
     assert "library_name: hf_influence" in (tmp_path / "b" / "README.md").read_text()
     first = hfi.Attributor(task, factors, hfi.GradientIndex.from_pretrained(tmp_path / "a")).attribute(queries)
     torch.testing.assert_close(hfi.Attributor(task, factors, copy).attribute(queries).scores, first.scores)
+
+
+def test_max_shard_bytes_bounds_every_file(setup, tmp_path):
+    task, dataset, factors, queries, _ = setup
+    options = dict(num_draws=2, compression="svd", rank=1)
+    unbounded = hfi.build_index(task, dataset, hfi.IndexConfig(**options), output_dir=tmp_path / "one")
+    limit = unbounded.config["shards"][0]["size"] // 2  # room for the header and a few examples
+    bounded = hfi.build_index(
+        task, dataset, hfi.IndexConfig(**options, max_shard_bytes=limit), output_dir=tmp_path / "bounded"
+    )
+    assert len(bounded.config["shards"]) > 2
+    assert all(shard["size"] <= limit for shard in bounded.config["shards"])
+    assert bounded.ids().tolist() == unbounded.ids().tolist()
+    attribute = lambda index: hfi.Attributor(task, factors, index).attribute(queries, num_draws=2).scores  # noqa: E731
+    torch.testing.assert_close(attribute(bounded), attribute(unbounded), rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="max_shard_bytes"):
+        hfi.build_index(task, dataset, hfi.IndexConfig(**options, max_shard_bytes=100), output_dir=tmp_path / "tiny")
