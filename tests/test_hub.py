@@ -189,3 +189,22 @@ def test_the_cli_pushes_and_reads_hub_ids(hub, on_hub, tmp_path, monkeypatch):
           "--num-inference-steps", "2", "--top-k", "2", "--output-dir", str(tmp_path / "a")])  # fmt: skip
     summary = json.loads((tmp_path / "a" / "attribution.json").read_text())
     assert len(summary["queries"][0]["proponents"]["ids"]) == 2
+
+
+def test_train_ddpm_pushes_the_pipeline_without_checkpoints(hub, on_hub, tmp_path, monkeypatch):
+    from diffusers import DiffusionPipeline
+
+    from hf_influence.cli import main
+
+    _, _, _, _, dataset_repo = on_hub
+    monkeypatch.setenv("HF_TOKEN", hub.token)
+    repo = repo_name("ddpm")
+    options = "--resolution 8 --channels 1 --block-out-channels 8 16 --layers-per-block 1 --norm-num-groups 4"
+    main(["train-ddpm", dataset_repo, "--output-dir", str(tmp_path), "--max-steps", "2", "--checkpoint-every", "1",
+          *options.split(), "--push-to-hub", repo])  # fmt: skip
+    files = hub.api.list_repo_files(repo)
+    assert "model_index.json" in files and "training_config.json" in files
+    assert not any(name.startswith("checkpoints/") for name in files) and (tmp_path / "checkpoints").is_dir()
+    pushed = DiffusionPipeline.from_pretrained(repo)
+    local = DiffusionPipeline.from_pretrained(tmp_path)
+    torch.testing.assert_close(pushed.unet.state_dict(), local.unet.state_dict(), rtol=0, atol=0)
