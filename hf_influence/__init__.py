@@ -4,6 +4,7 @@ __version__ = "0.1.0"
 
 from . import baselines, evaluation
 from .attribution import AttributionResult, Attributor, pairwise_scores
+from .curvature.layers import LORA_ONLY
 from .factors import FactorConfig, InfluenceFactors
 from .fitting import fit_factors
 from .index import GradientIndex, IndexConfig, build_index
@@ -16,12 +17,15 @@ from .measurements import (
     WeightedLoss,
     get_measurement,
 )
+from .provenance import DatasetSource
 from .task import DiffusionTask
 from .training import TrainConfig, train_ddpm
 
 __all__ = [
+    "LORA_ONLY",
     "AttributionResult",
     "Attributor",
+    "DatasetSource",
     "DiffusionTask",
     "FactorConfig",
     "GradientIndex",
