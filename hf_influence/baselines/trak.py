@@ -96,14 +96,16 @@ class GaussianProjection:
         return torch.cat([block for _, block in self.blocks(name, rows)])
 
     def project(self, gradients: LayerGradients) -> torch.Tensor:
-        """`(B, k)` fp64 projections of per-example layer gradients (weight then bias, flattened, per layer)."""
+        """`(B, k)` fp64 projections of per-example layer gradients (weight then bias, flattened, per layer);
+        each layer's product runs in the gradients' dtype and is summed over layers in fp64."""
         result = None
         for name, (weight, bias) in gradients.items():
             flat = weight.flatten(1) if bias is None else torch.cat([weight.flatten(1), bias], dim=1)
-            flat = flat.cpu().to(torch.float64)
-            result = flat.new_zeros(len(flat), self.dim) if result is None else result
+            flat = flat.cpu()
+            if result is None:
+                result = torch.zeros(len(flat), self.dim, dtype=torch.float64)
             for rows, block in self.blocks(name, flat.shape[1]):
-                result += flat[:, rows] @ block.to(torch.float64)
+                result += (flat[:, rows] @ block.to(flat.dtype)).to(torch.float64)
         return result
 
 
