@@ -416,7 +416,7 @@ def build_app(explorer: InfluenceExplorer) -> gr.Blocks:
             with gr.Column(scale=1, min_width=300):
                 with gr.Tabs():
                     with gr.Tab("Generate"):
-                        seed = gr.Number(label=f"Seed (0 to {MAX_SEED})", value=0, precision=0, elem_id="seed")
+                        seed = gr.Number(label=f"Seed (0 to {MAX_SEED})", value=0, elem_id="seed")
                         steps = gr.Slider(
                             1,
                             config.max_inference_steps,

@@ -1,0 +1,176 @@
+"""The Influence Explorer through its HTTP API (`gradio_client` against the app served on 127.0.0.1):
+what it returns equals `Attributor.attribute` called directly, and bad input gets a readable error
+while the app goes on serving."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DDIMScheduler, DiffusionPipeline
+from gradio_client import Client, handle_file
+from gradio_client.exceptions import AppError
+from PIL import Image
+from space_app import TOP_K, build_artifacts, served_explorer
+
+import hf_influence as hfi
+from hf_influence.datasets_io import load_training_dataset
+from hf_influence.explorer import load_upload_image, score_histogram
+
+
+@pytest.fixture(scope="module")
+def artifacts(tmp_path_factory):
+    return build_artifacts(tmp_path_factory.mktemp("space"))
+
+
+@pytest.fixture(scope="module")
+def server(artifacts):
+    with served_explorer(artifacts) as (url, explorer):
+        yield Client(url, verbose=False), explorer
+
+
+@pytest.fixture(scope="module")
+def direct(artifacts):
+    """The same artifacts loaded independently of the app: a pipeline with a DDIM sampler and an Attributor."""
+    pipeline = DiffusionPipeline.from_pretrained(artifacts["pipeline"])
+    task = hfi.DiffusionTask.from_pipeline(pipeline)
+    pipeline.scheduler = DDIMScheduler.from_config(pipeline.scheduler.config)
+    factors = hfi.InfluenceFactors.from_pretrained(artifacts["factors"], task=task)
+    attributor = hfi.Attributor(task, factors, hfi.GradientIndex.from_pretrained(artifacts["index"]))
+    return pipeline, attributor, load_training_dataset(artifacts["digits"])
+
+
+def shown_pixels(path: str, size: int) -> np.ndarray:
+    """The model-resolution pixels of an image the app scaled up by a whole factor (nearest neighbour)."""
+    shown = np.asarray(Image.open(path).convert("L"))
+    factor = shown.shape[0] // size
+    assert shown.shape == (size * factor, size * factor)
+    return shown[::factor, ::factor]
+
+
+def check_view(outputs, image, attributor, dataset, measurement="loss", damping=1e-8, top_k=TOP_K):
+    """The app's outputs for `image` are those of `Attributor.attribute`: ids, scores, order, rows, captions."""
+    query, proponents, opponents, histogram, summary, details = outputs
+    expected = attributor.attribute([image], measurement=measurement, top_k=top_k, damping=damping, seed=0)
+    assert np.array_equal(shown_pixels(query, 8), np.asarray(image.convert("L")))
+    for which, gallery in (("proponents", proponents), ("opponents", opponents)):
+        ids = (expected.proponent_ids if which == "proponents" else expected.opponent_ids)[0].tolist()
+        scores = (expected.proponent_scores if which == "proponents" else expected.opponent_scores)[0].tolist()
+        records = details[which]
+        assert [record["id"] for record in records] == ids
+        np.testing.assert_allclose([record["score"] for record in records], scores, rtol=1e-5, atol=1e-6)
+        shown = [record["score"] for record in records]
+        assert shown == sorted(shown, reverse=which == "proponents")
+        assert len(gallery) == top_k
+        rows = expected.rows(dataset, 0, which)
+        for item, record, row in zip(gallery, records, rows, strict=True):
+            assert item["caption"] == f"#{record['id']} · {row['label']} · {record['score']:+.3g}"
+            assert record["label"] == str(row["label"])  # ClassLabel names of the digits are "0".."9"
+            assert np.array_equal(shown_pixels(item["image"], 8), np.asarray(row["image"]))
+    counts = [count for _, count in histogram["data"]]
+    assert sum(counts) == len(dataset) == details["num_examples"]
+    assert f"{len(dataset)} training examples scored" in summary
+
+
+def test_generate_then_attribute_equals_the_library(server, direct):
+    client, _ = server
+    pipeline, attributor, dataset = direct
+    outputs = client.predict(7, 10, None, "", "loss", 1e-8, TOP_K, api_name="/generate")
+    generator = torch.Generator().manual_seed(7)
+    image = pipeline(batch_size=1, generator=generator, num_inference_steps=10, output_type="pil").images[0]
+    check_view(outputs, image, attributor, dataset)
+
+
+def test_measurement_damping_and_k_reach_the_attributor(server, direct):
+    client, _ = server
+    pipeline, attributor, dataset = direct
+    outputs = client.predict(11, 5, None, "", "simplified_elbo", 1e-3, 3, api_name="/generate")
+    image = pipeline(
+        batch_size=1, generator=torch.Generator().manual_seed(11), num_inference_steps=5, output_type="pil"
+    ).images[0]
+    check_view(outputs, image, attributor, dataset, measurement="simplified_elbo", damping=1e-3, top_k=3)
+
+
+def test_uploaded_image_is_attributed(server, direct, tmp_path):
+    client, _ = server
+    _, attributor, dataset = direct
+    digit = dataset[5]["image"]
+    digit.save(tmp_path / "digit.png")
+    outputs = client.predict(
+        handle_file(str(tmp_path / "digit.png")), None, "", "loss", 1e-8, TOP_K, api_name="/attribute"
+    )
+    check_view(outputs, digit, attributor, dataset)
+    # A larger RGB JPEG is converted and scaled to the model's 8×8 greyscale; the view shows what was scored.
+    large = digit.convert("RGB").resize((40, 40), Image.NEAREST)
+    large.save(tmp_path / "large.jpg", quality=95)
+    outputs = client.predict(handle_file(str(tmp_path / "large.jpg")), None, "", "loss", 1e-8, 2, api_name="/attribute")
+    scored = load_upload_image(tmp_path / "large.jpg", (8, 8), 1, 10**7, 1024)
+    check_view(outputs, scored, attributor, dataset, top_k=2)
+
+
+def test_concurrent_requests_are_queued_and_each_is_right(server, direct):
+    client, _ = server
+    pipeline, attributor, dataset = direct
+    jobs = {seed: client.submit(seed, 4, None, "", "loss", 1e-8, TOP_K, api_name="/generate") for seed in (1, 2, 3)}
+    for seed, job in jobs.items():
+        generator = torch.Generator().manual_seed(seed)
+        image = pipeline(batch_size=1, generator=generator, num_inference_steps=4, output_type="pil").images[0]
+        check_view(job.result(timeout=120), image, attributor, dataset)
+
+
+def bad_files(directory):
+    (directory / "notes.txt").write_text("not an image")
+    (directory / "fake.png").write_bytes(b"\x89PNG\r\n\x1a\n but then nothing")
+    Image.new("L", (3000, 40)).save(directory / "wide.png")  # over the 1024-pixel side limit
+    Image.new("CMYK", (8, 8)).save(directory / "print.tiff")
+    return {
+        "notes.txt": "Invalid file type",
+        "fake.png": "fake.png is not a readable image",
+        "wide.png": "The image is 3000×40 pixels; the largest side accepted is 1024",
+        "print.tiff": "Images in pixel mode 'CMYK' are not accepted",
+    }
+
+
+def test_bad_input_gives_a_message_and_the_app_keeps_serving(server, direct, tmp_path):
+    client, _ = server
+    pipeline, attributor, dataset = direct
+    generate_cases = {
+        (-1, 10, "loss", 1e-8, 4): "Seed must be a whole number between 0 and 4294967295, got -1",
+        (2**32, 10, "loss", 1e-8, 4): "Seed must be a whole number between 0 and 4294967295",
+        (1.5, 10, "loss", 1e-8, 4): "Seed must be a whole number",
+        (0, 10, "loss", -1.0, 4): "Damping must be a finite number ≥ 0",
+        (0, 0, "loss", 1e-8, 4): "Value 0 is less than minimum value 1",
+        (0, 10, "loss", 1e-8, 0): "Value 0 is less than minimum value 1",  # Gradio checks the slider's range
+    }
+    for (seed, steps, measurement, damping, top_k), message in generate_cases.items():
+        with pytest.raises(AppError, match=message):
+            client.predict(seed, steps, None, "", measurement, damping, top_k, api_name="/generate")
+    for name, message in bad_files(tmp_path).items():
+        with pytest.raises(AppError, match=message):
+            client.predict(handle_file(str(tmp_path / name)), None, "", "loss", 1e-8, 4, api_name="/attribute")
+    with pytest.raises(AppError, match="Upload an image first"):
+        client.predict(None, None, "", "loss", 1e-8, 4, api_name="/attribute")
+    outputs = client.predict(0, 3, None, "", "loss", 1e-8, TOP_K, api_name="/generate")
+    image = pipeline(
+        batch_size=1, generator=torch.Generator().manual_seed(0), num_inference_steps=3, output_type="pil"
+    ).images[0]
+    check_view(outputs, image, attributor, dataset)
+
+
+def test_upload_conversion_and_histogram():
+    """Palette, RGBA and 16-bit uploads become the model's greyscale; the histogram counts every score once."""
+    rgba = Image.new("RGBA", (16, 32), (255, 255, 255, 255))
+    rgba.putpixel((8, 16), (0, 0, 0, 255))
+    for image in (rgba, rgba.convert("P"), Image.new("I;16", (20, 20), 65535)):
+        path = f"/tmp/hfi-upload-{image.mode.replace(';', '')}.png"
+        image.save(path)
+        loaded = load_upload_image(path, (8, 8), 1, 10**6, 64)
+        assert loaded.mode == "L" and loaded.size == (8, 8)
+        assert np.asarray(loaded).max() == 255
+    scores = torch.tensor([-2.0, -1.0, 0.0, 0.0, 3.0, 3.0, 3.0])
+    histogram = score_histogram(scores, bins=5)
+    assert sum(histogram["examples"]) == len(scores)
+    assert histogram["examples"][-1] == 3 and histogram["examples"][0] == 1
+    assert math.isclose(histogram["score"][0], -2.0 + 0.5)
