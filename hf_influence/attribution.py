@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,10 +42,13 @@ def query_gradients(
     num_draws: int = DEFAULT_NUM_DRAWS,
     seed: int = 0,
     batch_size: int = 64,
+    labels: Sequence[Any] | None = None,
+    prompts: Sequence[str] | None = None,
 ) -> LayerGradients:
-    """Gradients of the measurement of each query (no augmentation; query `i` has id `i`)."""
+    """Gradients of the measurement of each query (no augmentation; query `i` has id `i`), conditioned on
+    its class `labels` (class-conditional pipelines) or `prompts` (text-to-image) as it was generated."""
     measurement = get_measurement(measurement)
-    samples = task.preprocess(queries)
+    samples = task.examples(queries, labels=labels, prompts=prompts)
     plan = GradientPlan.query(measurement, num_draws, seed, batch_size)
     return per_example_gradients(task, layers, samples, list(range(len(samples))), plan)
 
@@ -70,17 +73,22 @@ def pairwise_scores(
     seed: int = 0,
     id_column: str = "id",
     force: bool = False,
+    labels: Sequence[Any] | None = None,
+    prompts: Sequence[str] | None = None,
 ) -> torch.Tensor:
     """Influence scores `[num_queries, num_train]` of every training example on every query.
 
-    `queries` are generated samples (PIL images, arrays or `(B, C, H, W)` tensors in [-1, 1]).
+    `queries` are generated samples (PIL images, arrays or `(B, C, H, W)` tensors in [-1, 1]), with the class
+    `labels` or `prompts` they were generated from for a conditional pipeline (training rows bring theirs).
     Training gradients average `num_train_draws` draws of the training loss per example (with the
     task's augmentation); query gradients average `num_query_draws` draws of `measurement`.
     Columns follow the order of `train_dataset`. Scores are fp32 (fp64 for an fp64 model).
     """
     factors.check_compatible(task, force=force)
     layers = factor_layers(task, factors)
-    grads = query_gradients(task, layers, queries, measurement, num_query_draws, seed, batch_size)
+    grads = query_gradients(
+        task, layers, queries, measurement, num_query_draws, seed, batch_size, labels=labels, prompts=prompts
+    )
     preconditioned = precondition_gradients(factors.to(task.device), grads, damping)
     examples_per_batch = max(1, batch_size // num_train_draws)
     length = dataset_length(train_dataset)
@@ -213,12 +221,18 @@ class Attributor:
         num_draws: int | None = None,
         seed: int = 0,
         batch_size: int = 64,
+        labels: Sequence[Any] | None = None,
+        prompts: Sequence[str] | None = None,
     ) -> AttributionResult:
-        """Score `images` against every indexed example; `num_draws` defaults to the index's K."""
+        """Score `images` (with the class `labels` or `prompts` they were generated from, for a conditional
+        pipeline) against every indexed example; `num_draws` defaults to the index's K."""
         damping = self.damping if damping is None else damping
         samples = self.task.preprocess(images)
         num_draws = num_draws or self.index.config["num_draws"]
-        rotated = self._rotated_query_gradients(samples, get_measurement(measurement), num_draws, seed, batch_size)
+        conditions = {"labels": labels, "prompts": prompts}
+        rotated = self._rotated_query_gradients(
+            samples, conditions, get_measurement(measurement), num_draws, seed, batch_size
+        )
         queries = {}
         for name, (weight, bias) in rotated.items():
             weight, bias = precondition_in_eigenbasis(self.factors.layer(name), weight, bias, damping)
@@ -233,11 +247,20 @@ class Attributor:
         )
 
     def _rotated_query_gradients(
-        self, samples: torch.Tensor, measurement: Measurement, num_draws: int, seed: int, batch_size: int
+        self,
+        samples: torch.Tensor,
+        conditions: dict[str, Any],
+        measurement: Measurement,
+        num_draws: int,
+        seed: int,
+        batch_size: int,
     ) -> dict:
-        key = (hashlib.blake2b(samples.numpy().tobytes()).hexdigest(), repr(measurement), num_draws, seed)
+        image_hash = hashlib.blake2b(samples.numpy().tobytes()).hexdigest()
+        key = (image_hash, repr(conditions), repr(measurement), num_draws, seed)
         if self._cache is None or self._cache[0] != key:
-            grads = query_gradients(self.task, self.layers, samples, measurement, num_draws, seed, batch_size)
+            grads = query_gradients(
+                self.task, self.layers, samples, measurement, num_draws, seed, batch_size, **conditions
+            )
             rotated = {name: to_eigenbasis(self.factors.layer(name), *grad) for name, grad in grads.items()}
             self._cache = (key, rotated)
         return self._cache[1]

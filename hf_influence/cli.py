@@ -79,6 +79,16 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
         help="whether training flipped images at random; must match training "
         f"(default: the pipeline's {PIPELINE_TRAINING_CONFIG}, else off)",
     )
+    parser.add_argument(
+        "--class-column", help="dataset column with each image's class label, for a class-conditional pipeline (DiT)"
+    )
+    parser.add_argument("--caption-column", help="dataset column with each image's caption (text-to-image)")
+    parser.add_argument(
+        "--condition-dropout",
+        type=float,
+        default=0.0,
+        help="rate at which training dropped captions/classes for classifier-free guidance (default: 0)",
+    )
 
 
 def add_push_arguments(parser: argparse.ArgumentParser, what: str) -> None:
@@ -110,6 +120,9 @@ def load_pipeline(args: argparse.Namespace, device: Any) -> tuple[Any, Any]:
         pipeline,
         image_column=training_setting(folder, "image_column", args.image_column, "image"),
         random_flip=training_setting(folder, "random_flip", args.random_flip, False),
+        label_column=args.class_column,
+        caption_column=args.caption_column,
+        condition_dropout=args.condition_dropout,
     )
     task.source = source
     return pipeline, task

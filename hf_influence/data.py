@@ -12,16 +12,17 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-import torch
-
 if TYPE_CHECKING:
-    from .task import DiffusionTask
+    from .task import DiffusionTask, Examples
 
 
 @dataclass
 class ExampleBatch:
+    """Training examples with their ids: `samples` holds their clean inputs in the denoiser's space (and their
+    mirror images when training flipped) and their conditioning (class labels, caption embeddings)."""
+
     ids: list[Any]
-    samples: torch.Tensor  # (B, C, H, W) in [-1, 1]
+    samples: Examples
 
 
 def dataset_length(dataset: Iterable) -> int | None:
@@ -42,7 +43,7 @@ def iter_example_batches(
     """Preprocessed batches of `batch_size` examples (the last may be smaller).
 
     `start` is the position of the first row (for a stream resumed part-way), used for position ids.
-    Raises a clear error for a dataset without the task's image column, or an empty one. A
+    Raises a clear error for a dataset without the task's columns (images, labels or captions), or an empty one. A
     `rank_part` (one process's share of the data) may be empty but must have ids: row positions
     within a share are not the examples' positions in the dataset.
     """
@@ -54,11 +55,12 @@ def iter_example_batches(
         if rank_part:
             return
         raise ValueError("The dataset is empty: there are no training examples to attribute to.")
-    if task.image_column not in first:
-        raise KeyError(
-            f"The dataset has no column {task.image_column!r} (its columns are {sorted(first)}); "
-            "pass image_column=... when building the DiffusionTask."
-        )
+    for column in task.columns:
+        if column not in first:
+            raise KeyError(
+                f"The dataset has no column {column!r} (its columns are {sorted(first)}); pass "
+                "image_column=..., label_column=... or caption_column=... when building the DiffusionTask."
+            )
     if id_column not in first and rank_part:
         raise KeyError(
             f"The dataset has no {id_column!r} column: a run over several processes needs stable ids. Add one, "
@@ -76,7 +78,7 @@ def iter_example_batches(
         if not chunk:
             return
         ids = [row.get(id_column, position + offset) for offset, row in enumerate(chunk)]
-        yield ExampleBatch(ids, task.preprocess([row[task.image_column] for row in chunk]))
+        yield ExampleBatch(ids, task.examples_from_rows(chunk))
 
 
 def draw_chunks(num_examples: int, num_draws: int, batch_size: int) -> Iterator[tuple[slice, slice]]:

@@ -18,7 +18,7 @@ from .curvature.capture import LayerCapture
 from .curvature.layers import LayerKind
 from .data import draw_chunks
 from .measurements import Loss, Measurement
-from .task import DenoiserOutput, DiffusionTask
+from .task import DenoiserOutput, DiffusionTask, Examples
 
 Objective = Callable[[DiffusionTask, DenoiserOutput], torch.Tensor]
 # Per layer: weight gradients (B, d_out, d_in) and bias gradients (B, d_out) or None.
@@ -60,7 +60,7 @@ class GradientPlan:
 def for_each_example_gradient(
     task: DiffusionTask,
     layers: dict[str, nn.Module],
-    samples: torch.Tensor,
+    samples: Examples | torch.Tensor,
     ids: Sequence[Any],
     plan: GradientPlan,
     consume: GradientConsumer,
@@ -100,7 +100,7 @@ def for_each_example_gradient(
 def per_example_gradients(
     task: DiffusionTask,
     layers: dict[str, nn.Module],
-    samples: torch.Tensor,
+    samples: Examples | torch.Tensor,
     ids: Sequence[Any],
     plan: GradientPlan,
     dtype: torch.dtype | None = None,
@@ -139,7 +139,7 @@ def per_example_gradients(
 def per_example_scores(
     task: DiffusionTask,
     layers: dict[str, nn.Module],
-    samples: torch.Tensor,
+    samples: Examples | torch.Tensor,
     ids: Sequence[Any],
     plan: GradientPlan,
     queries: LayerGradients,

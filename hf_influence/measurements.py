@@ -3,6 +3,11 @@
 A measurement maps the denoiser's output on one draw `(t, ε)` of a sample to a scalar; the
 measurement of the sample is its average over `K` draws, and its gradient is what attribution
 explains. All are loss-like: larger means the model finds the sample less likely.
+
+For a flow-matching pipeline the same definitions hold with the flow's own loss: `Loss` is the velocity MSE
+`mean((v̂ − v)²)`, `SquareNorm` is `mean(v̂²)`, timesteps are indices into the scheduler's training sigmas, and
+`SimplifiedELBO` is the simplified ELBO of the equivalent variance-preserving process (see
+`FlowMatchingSchedule.simplified_elbo_weights`): the KL terms in ε-space, with `‖ε̂ − ε‖² = (1 − σ)² ‖v̂ − v‖²`.
 """
 
 from __future__ import annotations
@@ -57,15 +62,14 @@ class WeightedLoss(Measurement):
 
 class SimplifiedELBO(Measurement):
     """The ELBO's KL terms in ε-space, `w_t ‖ε̂ − ε‖² / D` with `w_t = β_t / (2 α_t (1 − ᾱ_t))`
-    (variance σ_t² = β_t); no reconstruction or prior term. v- and x0-predictions are converted to ε."""
+    (variance σ_t² = β_t); no reconstruction or prior term. v-, x0- and flow predictions are converted to ε
+    (the weights come from the task's noise schedule: `simplified_elbo_weights`)."""
 
     name = "simplified_elbo"
 
     def __call__(self, task: DiffusionTask, output: DenoiserOutput) -> torch.Tensor:
         t = output.timesteps
-        betas = task.betas.to(t.device)[t]
-        alpha_bar = task.alphas_cumprod.to(t.device)[t]
-        weight = betas / (2 * (1 - betas) * (1 - alpha_bar)) * task.epsilon_mse_factor(t)
+        weight = task.schedule.simplified_elbo_weights().to(t.device)[t]
         return weight.to(output.prediction.dtype) * output.loss_per_draw()
 
 

@@ -1,9 +1,14 @@
 """`DiffusionTask`: everything the influence machinery needs to know about a diffusers pipeline.
 
-The task turns dataset rows into denoiser inputs, draws the training noise `(t, ε)` with
-generators seeded per example id (so results do not depend on batching or on the number of
-processes) and computes the per-draw training loss exactly as diffusers trains it:
-`F.mse_loss(pred, target)` with the target given by the scheduler's `prediction_type`.
+The task turns dataset rows into `Examples` (the denoiser's clean inputs and their conditioning), draws
+everything random about a training step — the timestep, the noise, the flip, the VAE posterior sample, the
+classifier-free-guidance dropout and the GGN probe — with generators seeded per example id (so results do
+not depend on batching or on the number of processes), and computes the per-draw training loss exactly as
+diffusers trains it: `F.mse_loss(pred, target)` with the target of the noise schedule (`noise_schedules.py`).
+
+Supported pipelines: unconditional pixel-space (DDPM, DDIM), latent (a `vae`/`vqvae`: `latents.py`),
+class-conditional (DiT), text-to-image (Stable Diffusion 1.x/2.x, SD3: `conditioning.py`), DDPM-family or
+flow-matching schedulers, and PEFT LoRA adapters on the denoiser (attributed alone with `LORA_ONLY`).
 """
 
 from __future__ import annotations
@@ -11,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import numpy as np
@@ -19,23 +24,80 @@ import PIL.Image
 import torch
 from torch import nn
 
-PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+from .conditioning import Conditioning, pipeline_conditioning
+from .latents import LatentEncoder, check_vae
+from .noise_schedules import PREDICTION_TYPES, NoiseSchedule, noise_schedule
+
+__all__ = ["PREDICTION_TYPES", "DenoiserOutput", "DiffusionTask", "Draws", "Examples", "example_generator"]
+
+SUPPORTED_DENOISERS = (
+    "UNet2DModel",
+    "UNet2DConditionModel",
+    "DiTTransformer2DModel",
+    "Transformer2DModel",
+    "SD3Transformer2DModel",
+)
+# Pipeline components the task reads, or may ignore because training never uses them.
+KNOWN_COMPONENTS = {
+    "unet",
+    "transformer",
+    "scheduler",
+    "vae",
+    "vqvae",
+    *(f"{kind}{suffix}" for kind in ("text_encoder", "tokenizer") for suffix in ("", "_2", "_3")),
+    "safety_checker",
+    "feature_extractor",
+    "image_encoder",
+}
 
 
 @dataclass
 class Draws:
-    """One row per draw: the timestep, the noise, the horizontal flip and the GGN^model probe `ξ`."""
+    """One row per draw: the timestep index, the noise, the horizontal flip, the GGN^model probe `ξ`, and for
+    the pipeline kinds that need them the VAE posterior noise `η` and the conditioning-dropout mask."""
 
-    timesteps: torch.Tensor  # (S,) long
+    timesteps: torch.Tensor  # (S,) long, indices into the noise schedule
     noise: torch.Tensor  # (S, C, H, W)
     flip: torch.Tensor  # (S,) bool
     probe: torch.Tensor  # (S, C, H, W), ξ ~ N(0, I) for the Monte-Carlo Fisher
+    latent_noise: torch.Tensor | None = None  # (S, C, H, W), η for z = μ + σ η (AutoencoderKL only)
+    drop: torch.Tensor | None = None  # (S,) bool: the draw sees the null conditioning (CFG training)
 
     def __len__(self) -> int:
         return len(self.timesteps)
 
     def rows(self, index: slice) -> Draws:
-        return Draws(self.timesteps[index], self.noise[index], self.flip[index], self.probe[index])
+        return Draws(**{f.name: _rows(getattr(self, f.name), index) for f in fields(self)})
+
+
+@dataclass
+class Examples:
+    """A batch of examples (training images or queries) in the denoiser's space: what each draw starts from.
+
+    `clean[:, 0]` is the clean sample `x0` — the image in [-1, 1], or its scaled VAE latent (the posterior
+    mean for an `AutoencoderKL`) — and `clean[:, 1]`, present when the examples may be flipped, the same for
+    the mirror image (the latent of a mirrored image is not the mirrored latent). `std` is the scaled
+    posterior standard deviation (a draw adds `std · η`), None when the encoding is deterministic.
+    `conditioning` holds the denoiser's keyword inputs, one row per example (class labels, text states).
+    """
+
+    clean: torch.Tensor  # (B, V, C, H, W), V = 1 or 2 views
+    std: torch.Tensor | None = None  # (B, V, C, H, W)
+    conditioning: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.clean)
+
+    def __getitem__(self, rows: slice) -> Examples:
+        return Examples(
+            self.clean[rows],
+            _rows(self.std, rows),
+            {name: value[rows] for name, value in self.conditioning.items()},
+        )
+
+
+def _rows(value: torch.Tensor | None, index: slice) -> torch.Tensor | None:
+    return None if value is None else value[index]
 
 
 @dataclass
@@ -44,7 +106,7 @@ class DenoiserOutput:
 
     prediction: torch.Tensor  # (S, C, H, W)
     target: torch.Tensor  # (S, C, H, W)
-    timesteps: torch.Tensor  # (S,)
+    timesteps: torch.Tensor  # (S,) timestep indices
 
     def loss_per_draw(self) -> torch.Tensor:
         """`F.mse_loss(pred, target)` of each draw: the mean over the elements of one sample."""
@@ -62,15 +124,19 @@ def example_generator(seed: int, stream: str, example_id: Any) -> torch.Generato
 
 
 class DiffusionTask:
-    """Adapter over a diffusers pipeline's denoiser and scheduler.
+    """Adapter over a diffusers pipeline's denoiser, scheduler, VAE and conditioning.
 
     Args:
-        denoiser: the network whose parameters are attributed (e.g. `UNet2DModel`).
-        scheduler: a diffusers noise scheduler with `alphas_cumprod` (DDPM, DDIM, ...).
+        denoiser: the network whose parameters are attributed (e.g. `UNet2DModel`): a diffusers model with
+            `config.sample_size` and `config.in_channels`, called as `denoiser(x_t, timestep=t, **conditioning)`.
+        scheduler: a DDPM-family (`alphas_cumprod`) or flow-matching diffusers scheduler.
         image_column: dataset column holding the training images.
-        label_column, caption_column: conditioning columns (for later pipeline kinds).
         random_flip: whether training applied random horizontal flips; if so, training-side
             draws (factor fitting and training gradients) flip at random, queries never do.
+        vae: for latent diffusion, the pipeline's `AutoencoderKL` or `VQModel` (frozen, not attributed).
+        conditioning: how a dataset column conditions the denoiser (`conditioning.py`); None when unconditional.
+        condition_dropout: the probability with which training replaced a caption by "" (or a class by the null
+            class) for classifier-free guidance; training-side draws drop at that rate, queries never do.
     """
 
     def __init__(
@@ -78,41 +144,45 @@ class DiffusionTask:
         denoiser: nn.Module,
         scheduler: Any,
         image_column: str = "image",
-        label_column: str | None = None,
-        caption_column: str | None = None,
         random_flip: bool = False,
+        vae: nn.Module | None = None,
+        conditioning: Conditioning | None = None,
+        condition_dropout: float = 0.0,
     ) -> None:
-        if label_column is not None or caption_column is not None:
-            raise NotImplementedError(
-                "Conditional pipelines (label_column / caption_column) are not supported yet: "
-                "only unconditional pixel-space pipelines (DDPMPipeline, DDIMPipeline) are."
-            )
         config = getattr(denoiser, "config", None)
         if config is None or not hasattr(config, "sample_size") or not hasattr(config, "in_channels"):
             raise TypeError(
                 f"{type(denoiser).__name__} is not a supported denoiser: expected a diffusers model "
                 "with config.sample_size and config.in_channels (e.g. UNet2DModel)."
             )
-        if not hasattr(scheduler, "alphas_cumprod"):
-            raise TypeError(
-                f"{type(scheduler).__name__} is not a supported scheduler: it has no alphas_cumprod "
-                "(DDPMScheduler, DDIMScheduler and other DDPM-family schedulers do)."
-            )
-        prediction_type = scheduler.config.get("prediction_type", "epsilon")
-        if prediction_type not in PREDICTION_TYPES:
-            raise ValueError(f"Unsupported prediction_type {prediction_type!r}; expected one of {PREDICTION_TYPES}.")
+        if not 0.0 <= condition_dropout < 1.0:
+            raise ValueError(f"condition_dropout must be in [0, 1), got {condition_dropout}.")
+        if condition_dropout > 0 and conditioning is None:
+            raise ValueError("condition_dropout needs a conditional pipeline (a label or caption column).")
 
         self.denoiser = denoiser
         self.scheduler = scheduler
+        self.schedule: NoiseSchedule = noise_schedule(scheduler)
         self.image_column = image_column
         self.random_flip = random_flip
-        self.prediction_type: str = prediction_type
-        self.num_train_timesteps: int = int(scheduler.config.num_train_timesteps)
-        self.alphas_cumprod = scheduler.alphas_cumprod.detach().to(torch.float64)
-        self.betas = scheduler.betas.detach().to(torch.float64)
+        self.latents = None if vae is None else LatentEncoder(vae)
+        self.conditioning = conditioning
+        self.condition_dropout = condition_dropout
+        self.prediction_type: str = self.schedule.prediction_type
+        self.num_train_timesteps: int = self.schedule.num_train_timesteps
         size = config.sample_size
         self.resolution: tuple[int, int] = (size, size) if isinstance(size, int) else tuple(size)
         self.channels: int = int(config.in_channels)
+        out_channels = getattr(config, "out_channels", None)
+        # DiT-style learned variance: the extra output channels are not part of the simple loss (DiTPipeline
+        # splits them off the same way), so the prediction is the first `channels` ones.
+        self.learned_variance: bool = out_channels == 2 * self.channels
+        self.image_shape: tuple[int, int, int] = (
+            self.sample_shape if self.latents is None else self.latents.image_shape(self.sample_shape)
+        )
+        self._null_conditioning: dict[str, torch.Tensor] | None = None
+        if condition_dropout > 0:
+            self._null_conditioning = conditioning.null()  # fail early when there is no null input
         self._fingerprint: str | None = None
         # Where the pipeline came from ({repo_id, revision}); from_pretrained fills in the commit.
         self.source: dict[str, Any] = {"repo_id": None, "revision": None}
@@ -127,38 +197,59 @@ class DiffusionTask:
         label_column: str | None = None,
         caption_column: str | None = None,
         random_flip: bool = False,
+        condition_dropout: float = 0.0,
     ) -> DiffusionTask:
-        """Build the task from a loaded diffusers pipeline (its `unet` and `scheduler`)."""
-        components = getattr(pipeline, "components", {})
-        denoiser = components.get("unet") or components.get("transformer")
+        """Build the task from a loaded diffusers pipeline: its `unet` or `transformer`, its `scheduler`, its
+        `vae`/`vqvae` (latent pipelines), and the class labels of `label_column` (DiT) or the captions of
+        `caption_column` (Stable Diffusion, encoded by the pipeline's frozen text encoders).
+
+        A component this library cannot handle gets an error naming it.
+        """
+        components = {name: value for name, value in getattr(pipeline, "components", {}).items() if value is not None}
+        pipeline_name = type(pipeline).__name__
+        denoiser_name = "unet" if "unet" in components else "transformer"
+        denoiser = components.get(denoiser_name)
         if denoiser is None:
             raise TypeError(
-                f"{type(pipeline).__name__} has no `unet` or `transformer` component; "
-                f"its components are {sorted(components)}."
+                f"{pipeline_name} has no `unet` or `transformer` component; its components are {sorted(components)}."
             )
-        if components.get("vae") is not None:
-            raise NotImplementedError(
-                f"{type(pipeline).__name__} is a latent pipeline (it has a VAE): latent diffusion is not supported yet."
-            )
+        _check_denoiser(denoiser, denoiser_name)
+        unknown = sorted(set(components) - KNOWN_COMPONENTS)
+        if unknown:
+            described = ", ".join(f"{name!r} ({type(components[name]).__name__})" for name in unknown)
+            raise TypeError(f"{pipeline_name} has components this library does not support: {described}.")
+        vae_name = next((name for name in ("vae", "vqvae") if name in components), None)
+        if vae_name is not None:
+            check_vae(components[vae_name], vae_name)
         return cls(
             denoiser,
             pipeline.scheduler,
             image_column=image_column,
-            label_column=label_column,
-            caption_column=caption_column,
             random_flip=random_flip,
+            vae=None if vae_name is None else components[vae_name],
+            conditioning=pipeline_conditioning(pipeline, denoiser, label_column, caption_column),
+            condition_dropout=condition_dropout,
         )
 
     @classmethod
-    def from_pretrained(cls, repo_or_dir: str, revision: str | None = None, **kwargs: Any) -> DiffusionTask:
+    def from_pretrained(
+        cls,
+        repo_or_dir: str,
+        revision: str | None = None,
+        pipeline_kwargs: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> DiffusionTask:
         """Load a diffusers pipeline (Hub id or local folder) and build the task from it; the task's
-        `source` records the repo id and the commit it was read at (the factors' provenance)."""
+        `source` records the repo id and the commit it was read at (the factors' provenance).
+
+        `pipeline_kwargs` go to `DiffusionPipeline.from_pretrained` (e.g. `text_encoder_3=None,
+        tokenizer_3=None` for SD3 without T5); `kwargs` to `from_pipeline`."""
         from diffusers import DiffusionPipeline
 
         from .hub import download_pipeline
 
         folder, source = download_pipeline(repo_or_dir, revision)
-        task = cls.from_pipeline(DiffusionPipeline.from_pretrained(folder), **kwargs)
+        task = cls.from_pipeline(DiffusionPipeline.from_pretrained(folder, **(pipeline_kwargs or {})), **kwargs)
         task.source = source
         return task
 
@@ -174,11 +265,27 @@ class DiffusionTask:
 
     @property
     def sample_shape(self) -> tuple[int, int, int]:
+        """`(C, H, W)` of the denoiser's input and prediction (latents for a latent pipeline)."""
         return (self.channels, *self.resolution)
 
     @property
     def sample_numel(self) -> int:
         return int(np.prod(self.sample_shape))
+
+    @property
+    def alphas_cumprod(self) -> torch.Tensor:
+        """`ᾱ_t` of a DDPM-family schedule."""
+        return self.schedule.alphas_cumprod
+
+    @property
+    def betas(self) -> torch.Tensor:
+        """`β_t` of a DDPM-family schedule."""
+        return self.schedule.betas
+
+    @property
+    def columns(self) -> list[str]:
+        """The dataset columns the task reads: the images, and the labels or captions of a conditional task."""
+        return [self.image_column] + ([self.conditioning.column] if self.conditioning is not None else [])
 
     @contextlib.contextmanager
     def eval_mode(self) -> Iterator[None]:
@@ -194,8 +301,8 @@ class DiffusionTask:
             self.denoiser.train(was_training)
 
     def fingerprint(self) -> str:
-        """A hash of the denoiser's parameter names, shapes and values: factors and indices record it
-        so they are never silently used with another model."""
+        """A hash of the denoiser's parameter names, shapes and values (LoRA adapters included): factors and
+        indices record it so they are never silently used with another model."""
         if self._fingerprint is None:
             digest = hashlib.blake2b(digest_size=16)
             for name, param in self.denoiser.state_dict().items():
@@ -209,9 +316,10 @@ class DiffusionTask:
 
     def preprocess(self, images: Any) -> torch.Tensor:
         """Images (PIL, arrays `HW`/`HWC` in [0, 255] or [0, 1], or tensors `CHW`/`BCHW` already in
-        [-1, 1]) → a float tensor `(B, C, H, W)` in [-1, 1] at the denoiser's resolution.
+        [-1, 1]) → a float tensor `(B, C, H, W)` in [-1, 1] at the pipeline's image size (the denoiser's,
+        or its VAE's input for a latent pipeline).
 
-        PIL images are converted to the denoiser's mode ("L" or "RGB"), as diffusers' training
+        PIL images are converted to the model's mode ("L" or "RGB"), as diffusers' training
         scripts do; arrays and tensors must already have the right channels and size.
         """
         if isinstance(images, torch.Tensor) and images.dim() == 4:
@@ -222,10 +330,11 @@ class DiffusionTask:
             if len(images) == 0:
                 raise ValueError("No images were given.")
             batch = torch.stack([self._image_to_tensor(image) for image in images])
-        if batch.shape[1:] != self.sample_shape:
+        if batch.shape[1:] != self.image_shape:
+            what = "the VAE" if self.latents is not None else "the denoiser"
             raise ValueError(
-                f"Images have shape (C, H, W) = {tuple(batch.shape[1:])}, but the denoiser expects "
-                f"{self.sample_shape} (channels, height, width). Resize or convert the images first."
+                f"Images have shape (C, H, W) = {tuple(batch.shape[1:])}, but {what} expects "
+                f"{self.image_shape} (channels, height, width). Resize or convert the images first."
             )
         if not torch.isfinite(batch).all():
             raise ValueError("Images contain NaN or infinite values.")
@@ -233,7 +342,7 @@ class DiffusionTask:
 
     def _image_to_tensor(self, image: Any) -> torch.Tensor:
         if isinstance(image, PIL.Image.Image):
-            image = np.asarray(image.convert("L" if self.channels == 1 else "RGB"))
+            image = np.asarray(image.convert("L" if self.image_shape[0] == 1 else "RGB"))
         if isinstance(image, list):  # datasets' Array2D/Array3D columns come as nested lists
             image = np.asarray(image)
         if isinstance(image, torch.Tensor):
@@ -251,6 +360,97 @@ class DiffusionTask:
         tensor = torch.from_numpy(array.astype(np.float32) / scale).permute(2, 0, 1)
         return tensor * 2.0 - 1.0
 
+    def examples(
+        self,
+        images: Any,
+        labels: Sequence[Any] | None = None,
+        prompts: Sequence[str] | None = None,
+        augment: bool = False,
+    ) -> Examples:
+        """Images and their conditioning → `Examples`: encoded by the VAE for a latent pipeline, with the
+        class `labels` (DiT) or `prompts` (text-to-image) encoded for a conditional one.
+
+        `augment` also encodes the mirror images, for draws with the training flips (training rows).
+        """
+        pixels = self.preprocess(images)
+        conditions = self._conditions(labels, prompts, len(pixels))
+        return self.encode(pixels, conditions, augment)
+
+    def examples_from_rows(self, rows: Sequence[dict[str, Any]]) -> Examples:
+        """Training rows (with the task's image column, and label or caption column) → `Examples`."""
+        pixels = self.preprocess([row[self.image_column] for row in rows])
+        conditions = None if self.conditioning is None else [row[self.conditioning.column] for row in rows]
+        return self.encode(pixels, conditions, augment=True)
+
+    def encode(self, pixels: torch.Tensor, conditions: Sequence[Any] | None = None, augment: bool = False) -> Examples:
+        """Preprocessed images `(B, C, H, W)` and one label or caption each → `Examples` (VAE encoding once
+        per batch, no gradient); with `augment` and training flips, the mirror images too."""
+        views = [pixels, pixels.flip(-1)] if augment and self.random_flip else [pixels]
+        std = None
+        if self.latents is None:
+            clean = torch.stack(views, dim=1)
+        else:
+            encoded = [self.latents.encode(view) for view in views]
+            clean = torch.stack([mean for mean, _ in encoded], dim=1)
+            if encoded[0][1] is not None:
+                std = torch.stack([deviation for _, deviation in encoded], dim=1)
+            if clean.shape[2:] != self.sample_shape:
+                raise ValueError(
+                    f"The VAE encodes these images to latents of shape {tuple(clean.shape[2:])}, but the denoiser "
+                    f"expects {self.sample_shape}."
+                )
+        loss_dtype = self._loss_dtype()
+        if self.conditioning is None:
+            if conditions is not None:
+                raise ValueError("This pipeline is unconditional: it takes no labels or captions.")
+            inputs = {}
+        else:
+            if conditions is None or len(conditions) != len(pixels):
+                raise ValueError(
+                    f"This pipeline is conditioned on {self.conditioning.kind}: give one per image "
+                    f"({len(pixels)} images)."
+                )
+            inputs = self.conditioning.encode(conditions)
+        return Examples(
+            clean.to(self.device, loss_dtype), None if std is None else std.to(self.device, loss_dtype), inputs
+        )
+
+    def _conditions(self, labels: Sequence[Any] | None, prompts: Sequence[str] | None, count: int) -> list | None:
+        """The query-side conditioning: `labels` for a class-conditional task, `prompts` for a text one."""
+        given = {"labels": labels, "prompts": prompts}
+        wanted = None if self.conditioning is None else self.conditioning.kind
+        for kind, values in given.items():
+            if values is not None and kind != wanted:
+                reason = "is unconditional" if wanted is None else f"is conditioned on {wanted}"
+                raise ValueError(f"{kind}= was given, but this pipeline {reason}.")
+        if wanted is None:
+            return None
+        values = given[wanted]
+        if values is None:
+            raise ValueError(f"This pipeline is conditioned on {wanted}: pass {wanted}=[...] (one per image).")
+        values = [values] if isinstance(values, (str, int)) else list(values)
+        if len(values) != count:
+            raise ValueError(f"{len(values)} {wanted} were given for {count} images.")
+        return values
+
+    def as_examples(self, samples: Examples | torch.Tensor) -> Examples:
+        """`Examples` as they are; a tensor `(B, C, H, W)` as clean samples in the denoiser's space (pixels in
+        [-1, 1] for a pixel pipeline, scaled latents for a latent one) of an unconditional pipeline."""
+        if isinstance(samples, Examples):
+            return samples
+        if samples.shape[1:] != self.sample_shape:
+            raise ValueError(
+                f"Samples have shape {tuple(samples.shape[1:])} but the denoiser takes {self.sample_shape}: "
+                "turn images into Examples with task.examples(images, ...) first."
+            )
+        if self.conditioning is not None:
+            raise ValueError(
+                f"This pipeline is conditioned on {self.conditioning.kind}: pass Examples from "
+                f"task.examples(images, {self.conditioning.kind}=...) instead of a tensor."
+            )
+        views = [samples, samples.flip(-1)] if self.random_flip else [samples]
+        return Examples(torch.stack(views, dim=1))
+
     # ------------------------------------------------------------------ draws and loss
 
     def draw(
@@ -265,22 +465,31 @@ class DiffusionTask:
         """`num_draws` independent draws for each example, rows ordered example-major.
 
         `stream` names the purpose ("fit", "correction", "train", "query", ...) so that different
-        stages never reuse draws. `timestep` fixes t instead of drawing it uniformly.
+        stages never reuse draws. `timestep` fixes the timestep index instead of drawing it uniformly.
+        `augment` applies the training augmentation: flips and conditioning dropout.
         """
-        timesteps, noise, flips, probes = [], [], [], []
+        if timestep is not None and not 0 <= timestep < self.num_train_timesteps:
+            raise ValueError(f"timestep must be in [0, {self.num_train_timesteps}), got {timestep}.")
+        columns: dict[str, list[torch.Tensor]] = {f.name: [] for f in fields(Draws)}
         for example_id in example_ids:
             generator = example_generator(seed, stream, example_id)
             t = torch.randint(0, self.num_train_timesteps, (num_draws,), generator=generator)
-            timesteps.append(torch.full_like(t, timestep) if timestep is not None else t)
-            noise.append(torch.randn((num_draws, *self.sample_shape), generator=generator))
+            columns["timesteps"].append(torch.full_like(t, timestep) if timestep is not None else t)
+            columns["noise"].append(torch.randn((num_draws, *self.sample_shape), generator=generator))
             flip = torch.rand(num_draws, generator=generator) < 0.5
-            flips.append(flip if augment and self.random_flip else torch.zeros_like(flip))
-            probes.append(torch.randn((num_draws, *self.sample_shape), generator=generator))
-        return Draws(torch.cat(timesteps), torch.cat(noise), torch.cat(flips), torch.cat(probes))
+            columns["flip"].append(flip if augment and self.random_flip else torch.zeros_like(flip))
+            columns["probe"].append(torch.randn((num_draws, *self.sample_shape), generator=generator))
+            # Later additions draw after the original four, so pixel pipelines keep their draws.
+            if self.latents is not None and self.latents.stochastic:
+                columns["latent_noise"].append(torch.randn((num_draws, *self.sample_shape), generator=generator))
+            if self.condition_dropout > 0:
+                drop = torch.rand(num_draws, generator=generator) < self.condition_dropout
+                columns["drop"].append(drop if augment else torch.zeros_like(drop))
+        return Draws(**{name: torch.cat(values) if values else None for name, values in columns.items()})
 
     def run(
         self,
-        samples: torch.Tensor,
+        samples: Examples | torch.Tensor,
         ids: Sequence[Any],
         num_draws: int,
         draw_rows: slice,
@@ -304,45 +513,95 @@ class DiffusionTask:
         return output, draws
 
     def target(self, clean: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-        """The denoiser's training target for the scheduler's `prediction_type`."""
-        if self.prediction_type == "epsilon":
-            return noise
-        if self.prediction_type == "sample":
-            return clean
-        alpha_bar = self._per_row(self.alphas_cumprod, timesteps, clean)
-        return alpha_bar.sqrt() * noise - (1 - alpha_bar).sqrt() * clean
+        """The denoiser's training target (ε, v or x0 per `prediction_type`; `ε − x0` for flow matching)."""
+        return self.schedule.target(clean, noise, timesteps)
 
     def epsilon_mse_factor(self, timesteps: torch.Tensor) -> torch.Tensor:
         """c_t with ‖ε̂ − ε‖² = c_t ‖pred − target‖²: converts the training loss to ε-space (for the ELBO)."""
-        alpha_bar = self.alphas_cumprod.to(timesteps.device)[timesteps]
-        if self.prediction_type == "epsilon":
-            return torch.ones_like(alpha_bar)
-        if self.prediction_type == "v_prediction":
-            return alpha_bar
-        return alpha_bar / (1 - alpha_bar)
+        return self.schedule.epsilon_mse_factor(timesteps)
 
-    def noisy_inputs(self, samples: torch.Tensor, draws: Draws, repeats: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(clean, noisy): `samples` repeated `repeats` times (example-major), flipped and noised per `draws`.
+    def noisy_inputs(
+        self, samples: Examples | torch.Tensor, draws: Draws, repeats: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(clean, noisy): each example's `x0` repeated `repeats` times (example-major), flipped, sampled from
+        the VAE posterior and noised per `draws`.
 
         Computed in fp32 (fp64 for an fp64 model), as diffusers computes the loss of half models.
         """
-        loss_dtype = torch.float64 if self.dtype == torch.float64 else torch.float32
-        device = self.device
-        clean = samples.to(device, loss_dtype).repeat_interleave(repeats, dim=0)
-        flip = draws.flip.to(device).view(-1, 1, 1, 1)
-        clean = torch.where(flip, clean.flip(-1), clean)
-        alpha_bar = self._per_row(self.alphas_cumprod, draws.timesteps.to(device), clean)
-        noisy = alpha_bar.sqrt() * clean + (1 - alpha_bar).sqrt() * draws.noise.to(device, loss_dtype)
-        return clean, noisy
+        examples = self.as_examples(samples)
+        device, loss_dtype = self.device, self._loss_dtype()
+        rows = torch.arange(len(examples), device=device).repeat_interleave(repeats)
+        view = draws.flip.to(device).long()
+        if examples.clean.shape[1] == 1:
+            if draws.flip.any():
+                raise ValueError(
+                    "These draws flip, but the examples have no mirror view: build them with augment=True."
+                )
+            view = torch.zeros_like(view)
+        clean = examples.clean.to(device, loss_dtype)[rows, view]
+        if examples.std is not None:
+            if draws.latent_noise is None:
+                raise ValueError("The examples have a VAE posterior, but the draws no posterior noise.")
+            clean = clean + examples.std.to(device, loss_dtype)[rows, view] * draws.latent_noise.to(device, loss_dtype)
+        noise = draws.noise.to(device, loss_dtype)
+        return clean, self.schedule.noisy(clean, noise, draws.timesteps.to(device))
 
-    def predict(self, samples: torch.Tensor, draws: Draws, repeats: int) -> DenoiserOutput:
+    def denoiser_inputs(self, examples: Examples, draws: Draws, repeats: int) -> dict[str, torch.Tensor]:
+        """The conditioning keyword inputs per draw, the null input where a draw drops it."""
+        inputs = {}
+        for name, value in examples.conditioning.items():
+            value = value.to(self.device).repeat_interleave(repeats, dim=0)
+            if draws.drop is not None and draws.drop.any():
+                null = self._null_conditioning[name].to(value.device).expand_as(value)
+                drop = draws.drop.to(value.device).view(-1, *([1] * (value.dim() - 1)))
+                value = torch.where(drop, null, value)
+            inputs[name] = value.to(self.dtype) if value.is_floating_point() else value
+        return inputs
+
+    def predict(self, samples: Examples | torch.Tensor, draws: Draws, repeats: int) -> DenoiserOutput:
         """The denoiser's prediction and training target on `samples` noised per `draws`."""
-        clean, noisy = self.noisy_inputs(samples, draws, repeats)
+        examples = self.as_examples(samples)
+        clean, noisy = self.noisy_inputs(examples, draws, repeats)
         timesteps = draws.timesteps.to(self.device)
-        prediction = self.denoiser(noisy.to(self.dtype), timesteps).sample.to(clean.dtype)
+        inputs = self.denoiser_inputs(examples, draws, repeats)
+        output = self.denoiser(noisy.to(self.dtype), timestep=self.schedule.model_timesteps(timesteps), **inputs)
+        prediction = output.sample
+        if self.learned_variance:
+            prediction = prediction[:, : self.channels]
         noise = draws.noise.to(self.device, clean.dtype)
-        return DenoiserOutput(prediction, self.target(clean, noise, timesteps), timesteps)
+        return DenoiserOutput(prediction.to(clean.dtype), self.target(clean, noise, timesteps), timesteps)
 
-    @staticmethod
-    def _per_row(values: torch.Tensor, timesteps: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-        return values.to(timesteps.device)[timesteps].to(like.dtype).view(-1, *([1] * (like.dim() - 1)))
+    def _loss_dtype(self) -> torch.dtype:
+        return torch.float64 if self.dtype == torch.float64 else torch.float32
+
+
+# ---------------------------------------------------------------------------- pipeline checks
+
+
+def _check_denoiser(denoiser: nn.Module, component: str) -> None:
+    """Refuse denoisers whose inputs this library does not build, naming the component and what it needs."""
+    name = type(denoiser).__name__
+    kinds = {cls.__name__ for cls in type(denoiser).__mro__}
+    if not kinds & set(SUPPORTED_DENOISERS):
+        raise TypeError(
+            f"The pipeline's {component!r} component ({name}) is not a supported denoiser: "
+            f"supported are {', '.join(SUPPORTED_DENOISERS)}."
+        )
+    config = denoiser.config
+    extras = {
+        key: config.get(key)
+        for key in ("class_embed_type", "addition_embed_type", "encoder_hid_dim_type")
+        if config.get(key) is not None
+    }
+    if extras:
+        described = ", ".join(f"{key}={value!r}" for key, value in extras.items())
+        raise TypeError(
+            f"The pipeline's {component!r} component ({name}) takes extra conditioning ({described}, as e.g. "
+            "SDXL's added time ids) that this library does not build."
+        )
+    is_dit = config.get("norm_type") == "ada_norm_zero" and config.get("num_embeds_ada_norm") is not None
+    if "Transformer2DModel" in kinds and "DiTTransformer2DModel" not in kinds and not is_dit:
+        raise TypeError(
+            f"The pipeline's {component!r} component ({name}, norm_type={config.get('norm_type')!r}) is not a "
+            "class-conditional DiT; only DiT-style Transformer2DModels are supported."
+        )

@@ -91,14 +91,14 @@ def test_loss_per_draw_is_diffusers_mse():
         torch.testing.assert_close(output.loss_per_draw()[row], expected)
 
 
-def test_pipeline_kinds_not_supported_yet_are_named():
+def test_unsupported_components_are_named():
     scheduler = DDPMScheduler()
     latent = SimpleNamespace(
         components={"unet": tiny_unet(), "vae": object(), "scheduler": scheduler}, scheduler=scheduler
     )
-    with pytest.raises(NotImplementedError, match="latent"):
+    with pytest.raises(TypeError, match=r"'vae' component \(object\) is not a supported VAE"):
         hfi.DiffusionTask.from_pipeline(latent)
-    with pytest.raises(NotImplementedError, match="Conditional"):
-        hfi.DiffusionTask(tiny_unet(), DDPMScheduler(), label_column="label")
     pipeline = DDPMPipeline(unet=tiny_unet(), scheduler=DDPMScheduler())
+    with pytest.raises(ValueError, match="takes no class labels"):
+        hfi.DiffusionTask.from_pipeline(pipeline, label_column="label")
     assert hfi.DiffusionTask.from_pipeline(pipeline).denoiser is pipeline.unet

@@ -14,6 +14,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+# `module_filter` keeping only the LoRA `A` and `B` layers of a PEFT-adapted denoiser (any adapter name, e.g.
+# "...to_q.lora_A.default_0"): attributes a fine-tune shipped as a LoRA, its base weights held fixed. PEFT's
+# wrapper layers are not Linear/Conv2d subclasses and their `base_layer`s do not match, so neither is captured.
+LORA_ONLY = r"\.lora_[AB]\.[^.]+$"
+
 
 class LayerKind:
     """How one module type maps to `(a, g)`; subclasses of the module type are handled too."""

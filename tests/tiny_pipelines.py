@@ -1,0 +1,260 @@
+"""Tiny diffusers pipelines of every kind `DiffusionTask` supports, built from configs with random weights.
+
+Nothing is downloaded: the CLIP tokenizer's vocab.json and merges.txt are written here (single letters, no
+merges: every word is spelled out). Each pipeline is saved and reloaded with `DiffusionPipeline.from_pretrained`,
+as users load Hub pipelines; LoRA weights are saved with `save_lora_weights` and loaded with `load_lora_weights`,
+the way fine-tunes are shipped. Images are 16×16, latents 2×8×8.
+"""
+
+from __future__ import annotations
+
+import json
+import string
+from pathlib import Path
+from typing import Any
+
+import datasets
+import torch
+from diffusers import (
+    AutoencoderKL,
+    DDIMScheduler,
+    DDPMScheduler,
+    DiffusionPipeline,
+    DiTPipeline,
+    DiTTransformer2DModel,
+    FlowMatchEulerDiscreteScheduler,
+    LDMPipeline,
+    SD3Transformer2DModel,
+    StableDiffusion3Pipeline,
+    StableDiffusionPipeline,
+    UNet2DConditionModel,
+    UNet2DModel,
+    VQModel,
+)
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+from hf_influence.data import mnist_demo_dataset
+
+IMAGE_SIZE = 16
+LATENT_SIZE = 8
+LATENT_CHANNELS = 2
+TEXT_LENGTH = 16  # the tokenizer's model_max_length
+TEXT_WIDTH = 16
+NUM_CLASSES = 10
+DIGIT_NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+# What each kind is: the pipeline class, and the columns its task reads.
+KINDS = {
+    "ldm_kl": "LDMPipeline: UNet2DModel on AutoencoderKL latents (the paper's ArtBench setting), DDIM scheduler",
+    "ldm_vq": "LDMPipeline: UNet2DModel on VQModel latents",
+    "dit": "DiTPipeline: class-conditional DiTTransformer2DModel on AutoencoderKL latents",
+    "sd": "StableDiffusionPipeline: UNet2DConditionModel, CLIP text encoder, AutoencoderKL",
+    "sd3": "StableDiffusion3Pipeline: SD3Transformer2DModel, two CLIP encoders (no T5), flow matching",
+}
+
+
+def _vae_blocks() -> dict[str, Any]:
+    return {
+        "in_channels": 3,
+        "out_channels": 3,
+        "down_block_types": ("DownEncoderBlock2D",) * 2,
+        "up_block_types": ("UpDecoderBlock2D",) * 2,
+        "block_out_channels": (8, 16),
+        "latent_channels": LATENT_CHANNELS,
+        "norm_num_groups": 4,
+        "layers_per_block": 1,
+        "sample_size": IMAGE_SIZE,
+    }
+
+
+def tiny_vae(**config: Any) -> AutoencoderKL:
+    return AutoencoderKL(**_vae_blocks(), **config)
+
+
+def tiny_vq() -> VQModel:
+    return VQModel(**_vae_blocks(), num_vq_embeddings=16, vq_embed_dim=LATENT_CHANNELS, scaling_factor=0.5)
+
+
+def tiny_latent_unet() -> UNet2DModel:
+    return UNet2DModel(
+        sample_size=LATENT_SIZE,
+        in_channels=LATENT_CHANNELS,
+        out_channels=LATENT_CHANNELS,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+        norm_num_groups=4,
+        attention_head_dim=8,
+    )
+
+
+def tiny_class_unet() -> UNet2DModel:
+    """A pixel-space class-conditional UNet (`num_class_embeds`) on 16×16 grey images."""
+    return UNet2DModel(
+        sample_size=IMAGE_SIZE,
+        in_channels=1,
+        out_channels=1,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D"),
+        norm_num_groups=4,
+        num_class_embeds=NUM_CLASSES,
+    )
+
+
+def tiny_dit() -> DiTTransformer2DModel:
+    """Learned variance (out_channels = 2 × in_channels) and a null class, as DiT-XL-2."""
+    return DiTTransformer2DModel(
+        num_attention_heads=2,
+        attention_head_dim=8,
+        in_channels=LATENT_CHANNELS,
+        out_channels=2 * LATENT_CHANNELS,
+        num_layers=1,
+        sample_size=LATENT_SIZE,
+        patch_size=2,
+        num_embeds_ada_norm=NUM_CLASSES,
+        norm_num_groups=4,
+    )
+
+
+def tiny_sd_unet() -> UNet2DConditionModel:
+    return UNet2DConditionModel(
+        sample_size=LATENT_SIZE,
+        in_channels=LATENT_CHANNELS,
+        out_channels=LATENT_CHANNELS,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=TEXT_WIDTH,
+        attention_head_dim=4,
+        norm_num_groups=4,
+    )
+
+
+def tiny_sd3_transformer() -> SD3Transformer2DModel:
+    return SD3Transformer2DModel(
+        sample_size=LATENT_SIZE,
+        patch_size=2,
+        in_channels=LATENT_CHANNELS,
+        out_channels=LATENT_CHANNELS,
+        num_layers=1,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        joint_attention_dim=2 * TEXT_WIDTH,  # both CLIP encoders' states side by side
+        caption_projection_dim=16,
+        pooled_projection_dim=2 * TEXT_WIDTH,
+        pos_embed_max_size=LATENT_SIZE,
+    )
+
+
+def write_clip_tokenizer(directory: Path) -> CLIPTokenizer:
+    """A CLIP BPE tokenizer over single lowercase letters (a word ends with a `</w>` letter), from files."""
+    directory.mkdir(parents=True, exist_ok=True)
+    letters = list(string.ascii_lowercase)
+    tokens = ["<|startoftext|>", "<|endoftext|>", *letters, *(letter + "</w>" for letter in letters)]
+    (directory / "vocab.json").write_text(json.dumps({token: i for i, token in enumerate(tokens)}))
+    (directory / "merges.txt").write_text("#version: 0.2\n")
+    (directory / "tokenizer_config.json").write_text(json.dumps({"model_max_length": TEXT_LENGTH}))
+    return CLIPTokenizer.from_pretrained(directory)
+
+
+def tiny_clip_text(with_projection: bool = False) -> CLIPTextModel | CLIPTextModelWithProjection:
+    config = CLIPTextConfig(
+        vocab_size=2 + 2 * 26,
+        hidden_size=TEXT_WIDTH,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=TEXT_LENGTH,
+        projection_dim=TEXT_WIDTH,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=1,
+    )
+    return CLIPTextModelWithProjection(config) if with_projection else CLIPTextModel(config)
+
+
+def build_pipeline(kind: str, workdir: Path, seed: int = 0) -> DiffusionPipeline:
+    """The `kind` pipeline (see `KINDS`) with seeded random weights, not yet saved."""
+    torch.manual_seed(seed)
+    if kind == "ldm_kl":
+        return LDMPipeline(vqvae=tiny_vae(scaling_factor=0.5), unet=tiny_latent_unet(), scheduler=DDIMScheduler())
+    if kind == "ldm_vq":
+        return LDMPipeline(vqvae=tiny_vq(), unet=tiny_latent_unet(), scheduler=DDIMScheduler())
+    if kind == "dit":
+        return DiTPipeline(transformer=tiny_dit(), vae=tiny_vae(), scheduler=DDIMScheduler())
+    tokenizer = write_clip_tokenizer(workdir / "tokenizer-files")
+    if kind == "sd":
+        return StableDiffusionPipeline(
+            vae=tiny_vae(),
+            text_encoder=tiny_clip_text(),
+            tokenizer=tokenizer,
+            unet=tiny_sd_unet(),
+            scheduler=DDPMScheduler(),
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
+    if kind == "sd3":
+        return StableDiffusion3Pipeline(
+            transformer=tiny_sd3_transformer(),
+            scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+            vae=tiny_vae(shift_factor=0.1, scaling_factor=1.5, use_quant_conv=False, use_post_quant_conv=False),
+            text_encoder=tiny_clip_text(with_projection=True),
+            tokenizer=tokenizer,
+            text_encoder_2=tiny_clip_text(with_projection=True),
+            tokenizer_2=tokenizer,
+            text_encoder_3=None,
+            tokenizer_3=None,
+        )
+    raise ValueError(f"Unknown pipeline kind {kind!r}; choose one of {sorted(KINDS)}.")
+
+
+def save_and_reload(pipeline: DiffusionPipeline, directory: Path) -> DiffusionPipeline:
+    """Save, then load with `DiffusionPipeline.from_pretrained` as from the Hub.
+
+    A DiT repo's model_index.json carries its `id2label` (DiTPipeline reads it into `labels`); SD3 without its
+    T5 encoder is loaded with `text_encoder_3=None, tokenizer_3=None`, as diffusers documents."""
+    pipeline.save_pretrained(directory)
+    if isinstance(pipeline, DiTPipeline):
+        index = json.loads((directory / "model_index.json").read_text())
+        index["id2label"] = {str(i): name for i, name in enumerate(DIGIT_NAMES)}
+        (directory / "model_index.json").write_text(json.dumps(index))
+    extra = {"text_encoder_3": None, "tokenizer_3": None} if isinstance(pipeline, StableDiffusion3Pipeline) else {}
+    return DiffusionPipeline.from_pretrained(directory, **extra)
+
+
+def saved_pipeline(kind: str, workdir: Path, seed: int = 0) -> DiffusionPipeline:
+    return save_and_reload(build_pipeline(kind, workdir, seed), workdir / kind)
+
+
+def lora_pipeline(workdir: Path, rank: int = 2, seed: int = 1) -> tuple[DiffusionPipeline, Path]:
+    """A Stable Diffusion base pipeline with a LoRA adapter loaded from its saved weights file.
+
+    The adapter covers the attention projections and ResNet convolutions; its `B` matrices are random (a
+    trained adapter's are not zero). Returns the reloaded pipeline and the LoRA weights folder."""
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    base = saved_pipeline("sd", workdir)
+    adapted = DiffusionPipeline.from_pretrained(workdir / "sd")
+    config = LoraConfig(r=rank, lora_alpha=rank, target_modules=["to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2"])
+    adapted.unet.add_adapter(config)
+    torch.manual_seed(seed)
+    for name, module in adapted.unet.named_modules():
+        if name.endswith(".lora_B.default"):
+            torch.nn.init.normal_(module.weight, std=0.2)
+    lora_dir = workdir / "lora"
+    StableDiffusionPipeline.save_lora_weights(lora_dir, unet_lora_layers=get_peft_model_state_dict(adapted.unet))
+    base.load_lora_weights(lora_dir)
+    return base, lora_dir
+
+
+def digit_dataset(count: int, offset: int = 0) -> datasets.Dataset:
+    """Real 16×16 MNIST digits with `label` (class id), `name` (class name) and `text` (a caption) columns."""
+    digits = mnist_demo_dataset(offset + count, IMAGE_SIZE).select(range(offset, offset + count))
+    names = [DIGIT_NAMES[label] for label in digits["label"]]
+    digits = digits.add_column("name", names)
+    return digits.add_column("text", [f"a digit {name}" for name in names])
