@@ -463,7 +463,7 @@ def build_app(explorer: InfluenceExplorer) -> gr.Blocks:
                 proponents = gr.Gallery(
                     label="Top proponents (id · label · score)",
                     columns=8,
-                    height="auto",
+                    height=220,
                     format="png",
                     object_fit="contain",
                     elem_id="proponents",
@@ -471,7 +471,7 @@ def build_app(explorer: InfluenceExplorer) -> gr.Blocks:
                 opponents = gr.Gallery(
                     label="Top opponents (id · label · score)",
                     columns=8,
-                    height="auto",
+                    height=220,
                     format="png",
                     object_fit="contain",
                     elem_id="opponents",
