@@ -1,0 +1,83 @@
+"""`hf-influence demo` on a tiny recipe: the first run builds every artifact, a second run takes them all
+from the cache, and a changed setting or a damaged artifact redoes that stage and what depends on it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+import hf_influence as hfi
+from hf_influence.cli import main
+from hf_influence.demo import DemoConfig, prepare_demo
+
+TINY = {
+    "num_examples": 40,
+    "resolution": 8,
+    "block_out_channels": (8, 16, 16),
+    "train_steps": 6,
+    "train_batch_size": 8,
+    "factor_draws": 1,
+    "index_draws": 2,
+    "index_rank": 2,
+}
+TINY_ARGS = [
+    "--num-examples", "40", "--resolution", "8", "--block-out-channels", "8", "16", "16", "--train-steps", "6",
+    "--train-batch-size", "8", "--factor-draws", "1", "--index-draws", "2", "--index-rank", "2",
+]  # fmt: skip
+KEY_FILES = {
+    "digits": "state.json",
+    "ddpm": "unet/diffusion_pytorch_model.safetensors",
+    "factors": "factors.safetensors",
+    "index": "config.json",
+}
+
+
+def stamps(cache: Path) -> dict[str, int]:
+    return {stage: (cache / stage / name).stat().st_mtime_ns for stage, name in KEY_FILES.items()}
+
+
+def test_demo_builds_once_then_starts_from_the_cache(tmp_path, capsys):
+    cache = tmp_path / "demo"
+    artifacts = prepare_demo(DemoConfig(**TINY), cache)
+    digits = artifacts.dataset
+    assert len(digits) == 40 and digits["id"] == list(range(40)) and digits[0]["image"].size == (8, 8)
+    assert sorted(set(digits["label"])) == list(range(10))
+    assert len(artifacts.index) == 40 and artifacts.index.config["compression"] == "svd"
+    artifacts.index.check_dataset(digits)
+    assert artifacts.factors.strategy == "ekfac"
+    # Everything fits together: factors and index belong to the trained model.
+    result = hfi.Attributor(artifacts.task, artifacts.factors, artifacts.index).attribute(digits[0]["image"], top_k=3)
+    assert result.scores.shape == (1, 40)
+    first = stamps(cache)
+    capsys.readouterr()
+
+    main(["demo", "--no-launch", "--cache-dir", str(cache), *TINY_ARGS])
+    output = capsys.readouterr().out
+    assert stamps(cache) == first
+    for stage in ("Digits", "DDPM", "Factors", "Index"):
+        assert f"{stage}: cached in {cache / stage.lower()}" in output
+
+    # Another index setting redoes the index only.
+    prepare_demo(DemoConfig(**{**TINY, "index_draws": 1}), cache)
+    again = stamps(cache)
+    assert {stage for stage in KEY_FILES if again[stage] != first[stage]} == {"index"}
+
+    # A truncated factors file is found out and refitted; the index (of the same model) is kept.
+    factors_file = cache / "factors" / "factors.safetensors"
+    factors_file.write_bytes(factors_file.read_bytes()[:1000])
+    prepare_demo(DemoConfig(**{**TINY, "index_draws": 1}), cache)
+    last = stamps(cache)
+    assert {stage for stage in KEY_FILES if last[stage] != again[stage]} == {"factors"}
+
+    # Another training setting redoes the model and everything made from it, not the digits.
+    prepare_demo(DemoConfig(**{**TINY, "train_steps": 4}), cache)
+    retrained = stamps(cache)
+    assert {stage for stage in KEY_FILES if retrained[stage] != last[stage]} == {"ddpm", "factors", "index"}
+
+
+def test_demo_config_refuses_bad_settings():
+    with pytest.raises(ValueError, match="num_examples must be between 1 and 5000"):
+        DemoConfig(num_examples=6000)
+    with pytest.raises(ValueError, match="resolution must be between 4 and 28"):
+        DemoConfig(resolution=64)
