@@ -17,6 +17,7 @@ from .measurements import (
     WeightedLoss,
     get_measurement,
 )
+from .plan import Plan, plan
 from .provenance import DatasetSource
 from .task import DiffusionTask
 from .training import TrainConfig, train_ddpm
@@ -34,6 +35,7 @@ __all__ = [
     "Loss",
     "LossAtTime",
     "Measurement",
+    "Plan",
     "SimplifiedELBO",
     "SquareNorm",
     "TrainConfig",
@@ -45,5 +47,6 @@ __all__ = [
     "fit_factors",
     "get_measurement",
     "pairwise_scores",
+    "plan",
     "train_ddpm",
 ]

@@ -437,6 +437,67 @@ def run_demo(args: argparse.Namespace) -> None:
         print(f"Demo artifacts ready in {artifacts.paths['index'].parent}")
 
 
+# ---------------------------------------------------------------------------- plan
+
+
+def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
+    from .factors import STORAGE_DTYPES, FactorConfig
+    from .index import COMPRESSIONS
+    from .plan import PRESETS
+
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--preset", choices=sorted(PRESETS), help="a shipped denoiser config")
+    source.add_argument("--pipeline", help="pipeline or model folder, or Hub id (only its config.json is read)")
+    parser.add_argument("--memory-gb", type=float, help="refuse (and list what would fit) above this device memory")
+    parser.add_argument("--storage-gb", type=float, help="with --memory-gb: also refuse stored factors above this")
+    parser.add_argument("--resolution", type=int, help="sample side in the denoiser's space (default: its config)")
+    parser.add_argument(
+        "--keep-covariances", action=argparse.BooleanOptionalAction, default=True, help="store A and G too"
+    )
+    parser.add_argument("--eigenvector-dtype", choices=STORAGE_DTYPES, help="eigenvector storage dtype")
+    parser.add_argument("--index-compression", choices=COMPRESSIONS, default="none", help="index compression")
+    parser.add_argument("--index-rank", type=int, default=8, help="rank per layer for --index-compression svd")
+    parser.add_argument("--index-projection-dim", type=int, default=16, help="side for --index-compression projection")
+    parser.add_argument("--index-quantize-bits", type=int, choices=(8,), help="8-bit index entries")
+    parser.add_argument("--all-layers", action="store_true", help="print every layer (default: the 12 largest)")
+    parser.add_argument("--json", action="store_true", help="print the totals as JSON instead of a table")
+    add_config_options(parser, FactorConfig)
+
+
+def run_plan(args: argparse.Namespace) -> None:
+    """Plan a fit before any compute: per-layer factor shapes and bytes, totals, memory and a speed class."""
+    from .factors import FactorConfig
+    from .index import IndexConfig
+    from .plan import plan
+
+    factor_config = config_from_args(args, FactorConfig)
+    index_config = IndexConfig(
+        compression=args.index_compression,
+        rank=args.index_rank,
+        projection_dim=args.index_projection_dim,
+        quantize_bits=args.index_quantize_bits,
+        module_filter=factor_config.module_filter,
+    )
+    result = plan(
+        args.preset or args.pipeline,
+        factor_config,
+        index_config,
+        keep_covariances=args.keep_covariances,
+        eigenvector_dtype=args.eigenvector_dtype,
+        resolution=args.resolution,
+    )
+    if args.json:
+        print(json.dumps(result.summary(), indent=2))
+    else:
+        print(result.to_table() if args.all_layers else result)
+    if args.memory_gb is not None:
+        try:
+            result.check_fits(args.memory_gb * 1e9, None if args.storage_gb is None else args.storage_gb * 1e9)
+        except MemoryError as error:
+            raise SystemExit(str(error)) from error
+        print(f"Fits in {args.memory_gb:g} GB of device memory.")
+
+
 # ---------------------------------------------------------------------------- entry points
 
 COMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], None]]] = {
@@ -446,6 +507,7 @@ COMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Callable[[a
     "attribute": (add_attribute_arguments, run_attribute),
     "lds": (add_lds_arguments, run_lds),
     "demo": (add_demo_arguments, run_demo),
+    "plan": (add_plan_arguments, run_plan),
 }
 
 

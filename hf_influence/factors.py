@@ -23,6 +23,7 @@ from safetensors.torch import save_file
 
 from .cards import factors_card
 from .curvature.inverse import Layer
+from .curvature.large_layers import activation_rank
 from .files import atomic_write, read_config
 from .hub import open_repo, push_folder
 from .provenance import describe_mismatch, model_provenance
@@ -60,6 +61,11 @@ class FactorConfig:
         module_filter: regex searched in the qualified layer names; None takes every Linear/Conv2d.
         dtype: accumulation and storage dtype ("float32" or "float64"); eigh always runs in fp64.
         id_column: the dataset column with stable example ids.
+        max_factor_size: layers whose activation factor is larger than this (d_in > max_factor_size) keep
+            only its `large_layer_rank` leading eigenvectors, the rest of the spectrum replaced by the mean
+            of the discarded eigenvalues (see `curvature/large_layers.py`); None (default) keeps every factor
+            exact.
+        large_layer_rank: the eigenvectors kept for the activation factor of a layer over max_factor_size.
     """
 
     strategy: str = "ekfac"
@@ -72,6 +78,8 @@ class FactorConfig:
     module_filter: str | None = None
     dtype: str = "float32"
     id_column: str = "id"
+    max_factor_size: int | None = None
+    large_layer_rank: int = 1024
 
     def __post_init__(self) -> None:
         choices = {
@@ -86,6 +94,8 @@ class FactorConfig:
                 raise ValueError(f"FactorConfig.{name} must be one of {allowed}, got {getattr(self, name)!r}.")
         if self.draws_per_example < 1 or self.batch_size < 1:
             raise ValueError("draws_per_example and batch_size must be at least 1.")
+        if self.large_layer_rank < 1 or (self.max_factor_size is not None and self.max_factor_size < 1):
+            raise ValueError("large_layer_rank and max_factor_size must be at least 1.")
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -282,14 +292,16 @@ class InfluenceFactors:
     def _check_tensors(self) -> None:
         needed = ["activation_eigenvectors", "gradient_eigenvectors"]
         needed += ["eigenvalues"] if self.strategy == "ekfac" else ["activation_eigenvalues", "gradient_eigenvalues"]
+        residual = "residual_eigenvalues" if self.strategy == "ekfac" else "activation_residual_eigenvalue"
         for module, (d_out, d_in) in self.config["shapes"].items():
             layer = self.layer(module)
-            missing = [kind for kind in needed if kind not in layer]
+            rank = activation_rank(d_in, self.config.get("max_factor_size"), self.config.get("large_layer_rank", d_in))
+            missing = [kind for kind in needed + ([residual] if rank < d_in else []) if kind not in layer]
             if missing:
                 raise ValueError(f"The factors file lacks {missing} for layer {module!r}: it is incomplete.")
             if layer["gradient_eigenvectors"].shape != (d_out, d_out) or layer["activation_eigenvectors"].shape != (
                 d_in,
-                d_in,
+                rank,
             ):
                 raise ValueError(f"The factors of layer {module!r} do not have the shapes its config records.")
             if not all(torch.isfinite(value).all() for value in layer.values()):
