@@ -11,11 +11,14 @@ scores are `Attributor.attribute`'s, so the app shows exactly what the Python AP
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
+import os
 import threading
 import time
-from collections.abc import Iterator
+import typing
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -118,6 +121,38 @@ class ExplorerConfig:
             )
         if self.damping < 0 or min(self.max_upload_bytes, self.max_upload_side, self.concurrency_limit) < 1:
             raise ValueError("damping cannot be negative; upload limits and concurrency_limit must be positive.")
+
+
+ENVIRONMENT_PREFIX = "HFI_"
+ARTIFACTS = ("pipeline", "factors", "index", "dataset")
+
+
+def config_from_environment(
+    environ: Mapping[str, str] | None = None, prefix: str = ENVIRONMENT_PREFIX
+) -> ExplorerConfig | None:
+    """An ExplorerConfig from `HFI_<FIELD>` variables (`HFI_PIPELINE`, `HFI_TOP_K`, ...), as a Space sets
+    them in its settings; None when none of the four artifacts is given."""
+    environ = os.environ if environ is None else environ
+    hints = typing.get_type_hints(ExplorerConfig)
+    values: dict[str, Any] = {}
+    for name in (config_field.name for config_field in dataclasses.fields(ExplorerConfig)):
+        raw = environ.get(prefix + name.upper())
+        if raw is None or raw == "":
+            continue
+        kind = next((arg for arg in typing.get_args(hints[name]) if arg is not type(None)), hints[name])
+        try:
+            values[name] = kind(raw)
+        except ValueError:
+            raise ValueError(f"{prefix}{name.upper()}={raw!r} is not a valid {kind.__name__}.") from None
+    missing = [name for name in ARTIFACTS if name not in values]
+    if len(missing) == len(ARTIFACTS):
+        return None
+    if missing:
+        raise ValueError(
+            f"Set all of {', '.join(prefix + name.upper() for name in ARTIFACTS)}; missing: "
+            f"{', '.join(prefix + name.upper() for name in missing)}."
+        )
+    return ExplorerConfig(**values)
 
 
 @dataclass

@@ -5,6 +5,11 @@ while the app goes on serving."""
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,11 +18,11 @@ from diffusers import DDIMScheduler, DiffusionPipeline
 from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 from PIL import Image
-from space_app import TOP_K, build_artifacts, served_explorer
+from space_app import TOP_K, build_artifacts, free_port, served_explorer
 
 import hf_influence as hfi
 from hf_influence.datasets_io import load_training_dataset
-from hf_influence.explorer import load_upload_image, score_histogram
+from hf_influence.explorer import config_from_environment, load_upload_image, score_histogram
 
 
 @pytest.fixture(scope="module")
@@ -174,3 +179,52 @@ def test_upload_conversion_and_histogram():
     assert sum(histogram["examples"]) == len(scores)
     assert histogram["examples"][-1] == 3 and histogram["examples"][0] == 1
     assert math.isclose(histogram["score"][0], -2.0 + 0.5)
+
+
+def test_space_app_serves_from_environment_variables(artifacts, direct, tmp_path):
+    """spaces/influence-explorer/app.py, run as a Space runs it: configured by HFI_* variables."""
+    _, attributor, dataset = direct
+    port = free_port()
+    environment = {
+        **os.environ,
+        **{f"HFI_{name.upper()}": path for name, path in artifacts.items() if name != "digits"},
+        "HFI_DATASET": artifacts["digits"],
+        "HFI_TOP_K": "3",
+        "GRADIO_SERVER_NAME": "127.0.0.1",
+        "GRADIO_SERVER_PORT": str(port),
+        "GRADIO_ANALYTICS_ENABLED": "False",
+        "OMP_NUM_THREADS": "1",
+    }
+    app = Path(__file__).parents[1] / "spaces" / "influence-explorer" / "app.py"
+    process = subprocess.Popen(
+        [sys.executable, str(app)], env=environment, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                client = Client(f"http://127.0.0.1:{port}/", verbose=False)
+                break
+            except Exception:  # not listening yet
+                if process.poll() is not None or time.monotonic() > deadline:
+                    raise AssertionError(process.stdout.read().decode()) from None
+                time.sleep(0.5)
+        digit = dataset[9]["image"]
+        path = tmp_path / "digit.png"
+        digit.save(path)
+        outputs = client.predict(handle_file(str(path)), None, "", "loss", 1e-8, 3, api_name="/attribute")
+        check_view(outputs, digit, attributor, dataset, top_k=3)
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+def test_config_from_environment():
+    names = {"HFI_PIPELINE": "p", "HFI_FACTORS": "f", "HFI_INDEX": "i", "HFI_DATASET": "d"}
+    assert config_from_environment({}) is None
+    config = config_from_environment({**names, "HFI_TOP_K": "5", "HFI_DAMPING": "1e-6", "HFI_NUM_QUERY_DRAWS": "3"})
+    assert (config.pipeline, config.top_k, config.damping, config.num_query_draws) == ("p", 5, 1e-6, 3)
+    with pytest.raises(ValueError, match="missing: HFI_FACTORS, HFI_INDEX, HFI_DATASET"):
+        config_from_environment({"HFI_PIPELINE": "p"})
+    with pytest.raises(ValueError, match="HFI_TOP_K='many' is not a valid int"):
+        config_from_environment({**names, "HFI_TOP_K": "many"})
