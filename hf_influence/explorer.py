@@ -19,7 +19,7 @@ import threading
 import time
 import typing
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -61,8 +61,12 @@ class ExplorerConfig:
         split: the dataset split that was indexed.
         image_column: dataset column with the images (None: what train_ddpm recorded beside the
             pipeline, else "image").
-        label_column: dataset column shown in the captions (class names for a ClassLabel), if present.
-        caption_column: text column shown in the captions, if present.
+        label_column: dataset column shown in the captions (class names for a ClassLabel), if present;
+            a class-conditional pipeline's classes.
+        caption_column: text column shown in the captions, if present; a text-to-image pipeline's prompts.
+        conditioning: None for an unconditional pipeline, "labels" for a class-conditional one (DiT:
+            label_column holds each training image's class) or "prompts" for text-to-image (Stable
+            Diffusion: caption_column holds each caption).
         id_column: dataset column with the ids the index was built with.
         top_k: proponents and opponents shown by default.
         max_top_k: the largest top_k a request may ask for.
@@ -73,6 +77,8 @@ class ExplorerConfig:
         sampler: "ddim" (DDIM from the pipeline's scheduler config, good in few steps) or "pipeline"
             (the pipeline's own scheduler).
         num_inference_steps: default sampling steps.
+        guidance_scale: classifier-free guidance scale given to a conditional pipeline (None: the
+            pipeline's default).
         max_inference_steps: the most sampling steps a request may ask for.
         max_upload_bytes: uploads larger than this are refused.
         max_upload_side: uploads with a side longer than this (in pixels) are refused.
@@ -89,6 +95,7 @@ class ExplorerConfig:
     image_column: str | None = None
     label_column: str = "label"
     caption_column: str = "caption"
+    conditioning: str | None = None
     id_column: str = "id"
     top_k: int = 8
     max_top_k: int = 32
@@ -98,6 +105,7 @@ class ExplorerConfig:
     query_seed: int = 0
     sampler: str = "ddim"
     num_inference_steps: int = 50
+    guidance_scale: float | None = None
     max_inference_steps: int = 1000
     max_upload_bytes: int = 10_000_000
     max_upload_side: int = 4096
@@ -109,6 +117,10 @@ class ExplorerConfig:
         if self.measurement not in MEASUREMENTS:
             raise ValueError(
                 f"ExplorerConfig.measurement must be one of {sorted(MEASUREMENTS)}, got {self.measurement!r}."
+            )
+        if self.conditioning not in (None, "labels", "prompts"):
+            raise ValueError(
+                f"ExplorerConfig.conditioning must be None, 'labels' or 'prompts', got {self.conditioning!r}."
             )
         if self.sampler not in SAMPLERS:
             raise ValueError(f"ExplorerConfig.sampler must be one of {SAMPLERS}, got {self.sampler!r}.")
@@ -164,8 +176,8 @@ class Explanation:
     proponents: list[tuple[PIL.Image.Image, str]]
     opponents: list[tuple[PIL.Image.Image, str]]
     records: dict[str, list[dict[str, Any]]]  # {"proponents"/"opponents": [{id, score, label?, caption?}]}
+    histogram: dict[str, list[float]]  # bin centres and counts of all the query's scores
     seconds: float  # time spent in attribution (query gradient, preconditioning, scan, rows)
-    histogram: dict[str, list[float]] = field(default_factory=dict)  # bin centres and counts of all scores
 
 
 class InfluenceExplorer:
@@ -205,43 +217,56 @@ class InfluenceExplorer:
 
         from .cli import training_setting
         from .datasets_io import load_training_dataset
+        from .hub import download_pipeline
 
-        pipeline = DiffusionPipeline.from_pretrained(config.pipeline)
-        image_column = training_setting(config.pipeline, "image_column", config.image_column, "image")
-        task = DiffusionTask.from_pipeline(pipeline, image_column=image_column)
+        folder, source = download_pipeline(config.pipeline)
+        pipeline = DiffusionPipeline.from_pretrained(folder)
+        condition_columns = {
+            None: {},
+            "labels": {"label_column": config.label_column},
+            "prompts": {"caption_column": config.caption_column},
+        }[config.conditioning]
+        image_column = training_setting(folder, "image_column", config.image_column, "image")
+        task = DiffusionTask.from_pipeline(pipeline, image_column=image_column, **condition_columns)
+        task.source = source
         factors = InfluenceFactors.from_pretrained(config.factors, task=task)
         index = GradientIndex.from_pretrained(config.index)
         dataset = load_training_dataset(config.dataset, config.split)
         index.check_dataset(dataset)
         return cls(pipeline, Attributor(task, factors, index, damping=config.damping), dataset, config)
 
-    # ------------------------------------------------------------------ conditioning (hook)
+    # ------------------------------------------------------------------ conditioning
 
     @property
     def conditioning(self) -> str | None:
-        """ "label" or "prompt" for a class- or text-conditional task, else None.
+        """ "labels" (class-conditional), "prompts" (text-to-image) or None (unconditional): the task's."""
+        return None if self.task.conditioning is None else self.task.conditioning.kind
 
-        Hook for conditional pipelines: a task built with a label or caption column takes the
-        condition of each query in `Attributor.attribute(..., labels=/prompts=)`, and its pipeline
-        in `class_labels=` / `prompt=`. Unconditional tasks have neither attribute set.
-        """
-        if getattr(self.task, "label_column", None):
-            return "label"
-        if getattr(self.task, "caption_column", None):
-            return "prompt"
-        return None
+    def class_choices(self) -> list[tuple[str, int]]:
+        """(name, class id) of each class of a class-conditional model: the pipeline's names (a DiT's
+        id2label), else the dataset's ClassLabel names, else the ids; empty for other models."""
+        if self.conditioning != "labels":
+            return []
+        names = getattr(self.task.conditioning, "names", None)
+        if names:
+            return sorted(names.items(), key=lambda item: item[1])
+        if self.label_names:
+            return [(name, position) for position, name in enumerate(self.label_names)]
+        return [(str(label), label) for label in range(self.task.conditioning.num_classes)]
 
-    def _condition_arguments(self, label: int | None, prompt: str | None) -> tuple[dict, dict]:
-        """(pipeline kwargs, attribute kwargs) for the request's condition (hook, see `conditioning`)."""
-        if self.conditioning == "label":
+    def _condition_arguments(self, label: Any, prompt: str | None) -> tuple[dict, dict]:
+        """(pipeline keyword arguments, `Attributor.attribute` keyword arguments) for a request's condition."""
+        if self.conditioning is None:
+            return {"batch_size": 1}, {}
+        guidance = {} if self.config.guidance_scale is None else {"guidance_scale": self.config.guidance_scale}
+        if self.conditioning == "labels":
             if label is None:
                 raise ValueError("This model is class-conditional: choose a class label.")
-            return {"class_labels": [int(label)]}, {"labels": [int(label)]}
-        if self.conditioning == "prompt":
-            if not prompt or not prompt.strip():
-                raise ValueError("This model is text-conditional: write a prompt.")
-            return {"prompt": [prompt]}, {"prompts": [prompt]}
-        return {}, {}
+            label = check_integer("Class label", label, 0, self.task.conditioning.num_classes - 1)
+            return {"class_labels": [label], **guidance}, {"labels": [label]}
+        if not prompt or not prompt.strip():
+            raise ValueError("This model is text-conditional: write a prompt.")
+        return {"prompt": [prompt], **guidance}, {"prompts": [prompt]}
 
     # ------------------------------------------------------------------ the two requests
 
@@ -254,9 +279,7 @@ class InfluenceExplorer:
         pipeline_kwargs, _ = self._condition_arguments(label, prompt)
         with self._lock:
             generator = torch.Generator(device="cpu").manual_seed(seed)
-            output = self.pipeline(
-                batch_size=1, generator=generator, num_inference_steps=steps, output_type="pil", **pipeline_kwargs
-            )
+            output = self.pipeline(generator=generator, num_inference_steps=steps, output_type="pil", **pipeline_kwargs)
         return output.images[0]
 
     def explain(
@@ -303,8 +326,8 @@ class InfluenceExplorer:
             proponents=galleries["proponents"],
             opponents=galleries["opponents"],
             records=records,
-            seconds=time.perf_counter() - start,
             histogram=score_histogram(result.scores[0]),
+            seconds=time.perf_counter() - start,
         )
 
     def load_upload(self, path: str | Path | None) -> PIL.Image.Image:
@@ -463,16 +486,16 @@ def build_app(explorer: InfluenceExplorer) -> gr.Blocks:
                     with gr.Tab("Attribute your image"):
                         upload = gr.File(label="Image (PNG, JPEG, WebP…)", file_types=["image"], elem_id="upload")
                         attribute_button = gr.Button("Attribute", variant="primary", elem_id="attribute")
-                # Conditional pipelines only (hook, see InfluenceExplorer.conditioning).
-                num_classes = getattr(task.denoiser.config, "num_class_embeds", None) or 0
-                label_names = explorer.label_names or [str(label) for label in range(num_classes)]
+                # Shown for conditional pipelines only: the class or prompt to generate and attribute with.
+                choices = explorer.class_choices()
                 label = gr.Dropdown(
-                    choices=[(name, position) for position, name in enumerate(label_names)],
-                    value=0 if label_names else None,
+                    choices=choices,
+                    value=choices[0][1] if choices else None,
                     label="Class label",
-                    visible=conditioning == "label",
+                    visible=conditioning == "labels",
+                    elem_id="class-label",
                 )
-                prompt = gr.Textbox(label="Prompt", visible=conditioning == "prompt")
+                prompt = gr.Textbox(label="Prompt", visible=conditioning == "prompts", elem_id="prompt")
                 with gr.Accordion("Attribution settings", open=False):
                     measurement = gr.Radio(
                         sorted(MEASUREMENTS),

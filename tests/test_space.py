@@ -228,3 +228,46 @@ def test_config_from_environment():
         config_from_environment({"HFI_PIPELINE": "p"})
     with pytest.raises(ValueError, match="HFI_TOP_K='many' is not a valid int"):
         config_from_environment({**names, "HFI_TOP_K": "many"})
+
+
+def test_class_conditional_pipeline_generates_and_attributes_with_its_label(tmp_path):
+    """A DiT: the explorer offers its classes, samples with `class_labels` and attributes with `labels`."""
+    from tiny_pipelines import DIGIT_NAMES, digit_dataset, saved_pipeline
+
+    from hf_influence.explorer import ExplorerConfig, InfluenceExplorer
+
+    pipeline = saved_pipeline("dit", tmp_path)
+    digits = digit_dataset(12)
+    task = hfi.DiffusionTask.from_pipeline(pipeline, label_column="label")
+    factors = hfi.fit_factors(task, digits, hfi.FactorConfig(draws_per_example=1))
+    index = hfi.build_index(task, digits, hfi.IndexConfig(num_draws=1), output_dir=tmp_path / "index")
+    # guidance 1: the tiny DiT has no null class at DiTPipeline's id 1000.
+    config = ExplorerConfig("dit", "factors", "index", "digits", conditioning="labels", top_k=3, guidance_scale=1.0)
+    explorer = InfluenceExplorer(pipeline, hfi.Attributor(task, factors, index), digits, config)
+    assert explorer.conditioning == "labels"
+    assert explorer.class_choices() == [(name, label) for label, name in enumerate(DIGIT_NAMES)]
+
+    image = explorer.generate(5, 4, label=3)
+    direct = DiffusionPipeline.from_pretrained(tmp_path / "dit")
+    direct.scheduler = DDIMScheduler.from_config(direct.scheduler.config)
+    expected_image = direct(
+        class_labels=[3],
+        guidance_scale=1.0,
+        generator=torch.Generator().manual_seed(5),
+        num_inference_steps=4,
+        output_type="pil",
+    ).images[0]
+    assert np.array_equal(np.asarray(image), np.asarray(expected_image))
+
+    explanation = explorer.explain(image, label=3)
+    expected = hfi.Attributor(task, factors, index).attribute([image], top_k=3, labels=[3])
+    assert [record["id"] for record in explanation.records["proponents"]] == expected.proponent_ids[0].tolist()
+    np.testing.assert_allclose(
+        [record["score"] for record in explanation.records["proponents"]], expected.proponent_scores[0], rtol=1e-5
+    )
+    other = explorer.explain(image, label=7)  # the label is part of the query
+    assert not np.allclose(other.result.scores, explanation.result.scores)
+    with pytest.raises(ValueError, match="class-conditional: choose a class label"):
+        explorer.generate(5, 4)
+    with pytest.raises(ValueError, match="Class label must be a whole number between 0 and 9"):
+        explorer.explain(image, label=12)
