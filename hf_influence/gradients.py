@@ -68,8 +68,10 @@ def for_each_example_gradient(
 ) -> None:
     """Hand `consume` each layer's per-example gradients under `plan`, pass by pass.
 
-    When an example's draws do not fit in one pass, `consume` receives its gradient in parts that
-    sum to the whole. The denoiser runs in eval mode (see `DiffusionTask.eval_mode`).
+    `samples` are `Examples` (from `task.examples`, or a training batch, with their conditioning) or, for an
+    unconditional pipeline, a tensor of clean samples in the denoiser's space. When an example's draws do not
+    fit in one pass, `consume` receives its gradient in parts that sum to the whole. The denoiser runs in eval
+    mode (see `DiffusionTask.eval_mode`).
     """
     examples = slice(0, 0)
 

@@ -216,9 +216,9 @@ def reference_gradients(task, pipeline, kind: str, rows, layers: dict, num_draws
     return result, draws
 
 
-@pytest.mark.parametrize("kind", ["ldm_kl", "dit", "sd", "sd3", "sd_lora"])
+@pytest.mark.parametrize("kind", ["ldm_kl", "ldm_vq", "dit", "sd", "sd3", "sd_lora"])
 def test_per_example_gradients_match_torch_func(kind, workdir, train):
-    """Latent, class-conditional, text-conditional, flow-matching and LoRA-adapted, in fp64, with flips and
+    """Latent (KL and VQ), class-conditional, text-conditional, flow-matching and LoRA-adapted, in fp64, with flips and
     (for the conditional kinds) classifier-free-guidance dropout of half the draws."""
     if kind == "sd_lora":
         pipeline, _ = lora_pipeline(workdir / "exact-lora")
@@ -321,6 +321,22 @@ def test_index_and_attributor_with_prompts(pipelines, train, queries, tmp_path):
     assert not torch.allclose(other.scores[1], result.scores[1])  # the query-gradient cache knows the prompts
     with pytest.raises(ValueError, match="conditioned on prompts"):
         attributor.attribute(queries["image"], num_draws=DRAWS)
+
+
+def test_conditional_latent_factors_do_not_depend_on_the_batch_size(pipelines, train):
+    """Every random choice — timestep, noise, flip, posterior sample, caption dropout, probe — is seeded by the
+    example's id, and captions and latents are encoded per example: the covariances are the same in any batching
+    (eigenvectors are not compared: with 8 draws the factors are singular, so their null-space bases are arbitrary)."""
+    task = hfi.DiffusionTask.from_pipeline(
+        pipelines("sd3"), caption_column="text", random_flip=True, condition_dropout=0.5
+    )
+    whole = fit(task, train, batch_size=8, strategy="kfac")
+    pieces = fit(task, train, batch_size=2, strategy="kfac")
+    covariances = [name for name in whole.tensors if name.endswith("_covariance")]
+    assert len(covariances) == 2 * len(whole.modules)
+    for name in covariances:
+        value = whole.tensors[name]
+        torch.testing.assert_close(pieces.tensors[name], value, rtol=1e-5, atol=1e-6 * value.abs().max().item())
 
 
 # --------------------------------------------------------------------------- LoRA
