@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_unet, toy_task
+from accelerate import Accelerator, debug_launcher
+from conftest import mnist_dataset, tiny_unet, toy_task
 from diffusers import DDPMScheduler
 from scipy.stats import spearmanr
 from torch import nn
@@ -154,3 +155,29 @@ def test_tiny_unet_scores_survive_moderate_truncation(digits8) -> None:
     assert torch.isfinite(scores).all()
     correlation = spearmanr(scores.flatten().numpy(), expected.flatten().numpy()).statistic
     assert correlation > 0.5
+
+
+TRUNCATED = hfi.FactorConfig(
+    draws_per_example=2, batch_size=8, dtype="float64", max_factor_size=64, large_layer_rank=20
+)
+
+
+def _fit_truncated_on_every_rank(output_dir: str) -> None:
+    torch.set_num_threads(1)
+    accelerator = Accelerator(cpu=True)
+    task = hfi.DiffusionTask(tiny_unet().double(), DDPMScheduler())
+    factors = hfi.fit_factors(task, mnist_dataset(13, 8), TRUNCATED, accelerator=accelerator)
+    factors.save_pretrained(f"{output_dir}/rank{accelerator.process_index}")
+
+
+def test_two_processes_fit_the_truncated_factors_of_one(tmp_path) -> None:
+    """Truncated eigendecompositions are computed by one rank and broadcast with their own shapes."""
+    debug_launcher(_fit_truncated_on_every_rank, args=(str(tmp_path),), num_processes=2)
+    task = hfi.DiffusionTask(tiny_unet().double(), DDPMScheduler())
+    single = hfi.fit_factors(task, mnist_dataset(13, 8), TRUNCATED)
+    ranks = [hfi.InfluenceFactors.from_pretrained(tmp_path / f"rank{r}", task=task) for r in (0, 1)]
+    assert any(name.endswith(".residual_eigenvalues") for name in single.tensors)
+    for name, value in single.tensors.items():
+        torch.testing.assert_close(ranks[0].tensors[name], ranks[1].tensors[name], rtol=0, atol=0)
+        if name.endswith(("covariance", "residual_eigenvalues")):  # basis-independent sums
+            torch.testing.assert_close(ranks[0].tensors[name], value, rtol=1e-8, atol=1e-14)
