@@ -118,5 +118,16 @@ def hub(tmp_path_factory: pytest.TempPathFactory):
     local_hub.stop()
 
 
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """Forget accelerate's process-wide state after each test: `debug_launcher` forks, and a child that inherits
+    a state initialised in this process (by any in-process Accelerator) believes it runs alone."""
+    yield
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
 def pytest_unconfigure(config: pytest.Config) -> None:
     shutil.rmtree(os.environ["HF_HOME"], ignore_errors=True)
