@@ -268,6 +268,9 @@ def add_attribute_arguments(parser: argparse.ArgumentParser) -> None:
     queries.add_argument("--image", nargs="+", metavar="FILE", help="query images (PNG files)")
     queries.add_argument("--generate", type=int, metavar="N", help="generate N query images with the pipeline")
     parser.add_argument("--seed", type=int, default=0, help="seed of the generated images and the query draws")
+    parser.add_argument("--label", type=int, nargs="+", help="class of each query (class-conditional pipelines)")
+    parser.add_argument("--prompt", nargs="+", help="prompt of each query (text-to-image pipelines)")
+    parser.add_argument("--guidance-scale", type=float, help="guidance scale of --generate (default: the pipeline's)")
     parser.add_argument("--num-inference-steps", type=int, default=50, help="sampling steps for --generate")
     parser.add_argument("--measurement", default="loss", choices=sorted(MEASUREMENTS))
     parser.add_argument("--damping", type=float, default=DEFAULT_DAMPING, help="λ added to the curvature")
@@ -276,8 +279,25 @@ def add_attribute_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output-dir", required=True, help="where attribution.json and the PNG grids go")
 
 
-def query_images(args: argparse.Namespace, pipeline: Any) -> tuple[list[Any], list[str]]:
-    """The query images and where each came from (a file, or the generation seed and position)."""
+def query_conditions(args: argparse.Namespace, task: Any, count: int) -> dict[str, list]:
+    """`{"labels": [...]}` or `{"prompts": [...]}` for `count` queries of a conditional pipeline (one
+    value given is used for every query), `{}` for an unconditional one."""
+    kind = None if task.conditioning is None else task.conditioning.kind
+    given = {"labels": args.label, "prompts": args.prompt}
+    if kind is None:
+        if args.label or args.prompt:
+            raise ValueError("This pipeline is unconditional: --label and --prompt do not apply.")
+        return {}
+    values = given[kind]
+    option = "--label" if kind == "labels" else "--prompt"
+    if not values or len(values) not in (1, count):
+        raise ValueError(f"This pipeline is conditioned on {kind}: give {option} once, or once per query ({count}).")
+    return {kind: list(values) * count if len(values) == 1 else list(values)}
+
+
+def query_images(args: argparse.Namespace, pipeline: Any, conditions: dict[str, list]) -> tuple[list[Any], list[str]]:
+    """The query images and where each came from (a file, or the generation seed and position);
+    generated images follow the queries' labels or prompts."""
     import torch
     from PIL import Image
 
@@ -286,11 +306,17 @@ def query_images(args: argparse.Namespace, pipeline: Any) -> tuple[list[Any], li
         if missing:
             raise FileNotFoundError(f"Query images not found: {missing}")
         return [Image.open(path) for path in args.image], list(args.image)
-    if args.generate < 1:
-        raise ValueError(f"--generate must be at least 1, got {args.generate}.")
     generator = torch.Generator(device="cpu").manual_seed(args.seed)
+    if "labels" in conditions:
+        inputs = {"class_labels": conditions["labels"]}
+    elif "prompts" in conditions:
+        inputs = {"prompt": conditions["prompts"]}
+    else:
+        inputs = {"batch_size": args.generate}
+    if args.guidance_scale is not None:
+        inputs["guidance_scale"] = args.guidance_scale
     images = pipeline(
-        batch_size=args.generate, generator=generator, num_inference_steps=args.num_inference_steps, output_type="pil"
+        generator=generator, num_inference_steps=args.num_inference_steps, output_type="pil", **inputs
     ).images
     return images, [f"generated seed={args.seed} #{position}" for position in range(args.generate)]
 
@@ -328,9 +354,17 @@ def run_attribute(args: argparse.Namespace) -> None:
     factors = InfluenceFactors.from_pretrained(args.factors, task=task, revision=args.factors_revision)
     index = GradientIndex.from_pretrained(args.index, revision=args.index_revision)
     attributor = Attributor(task, factors, index, damping=args.damping)
-    images, sources = query_images(args, pipeline)
+    if args.generate is not None and args.generate < 1:
+        raise ValueError(f"--generate must be at least 1, got {args.generate}.")
+    conditions = query_conditions(args, task, len(args.image) if args.image else args.generate)
+    images, sources = query_images(args, pipeline, conditions)
     result = attributor.attribute(
-        images, measurement=args.measurement, top_k=args.top_k, num_draws=args.num_draws, seed=args.seed
+        images,
+        measurement=args.measurement,
+        top_k=args.top_k,
+        num_draws=args.num_draws,
+        seed=args.seed,
+        **conditions,
     )
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)

@@ -8,6 +8,7 @@ components, independently of the task: the VAE's posterior sampled per draw, the
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -454,3 +455,37 @@ def test_unsupported_components_are_named(pipelines, workdir):
         task.preprocess(torch.zeros(1, 3, 8, 8))
     with pytest.raises(ValueError, match=r"task\.examples"):
         task.predict(torch.zeros(1, 3, 16, 16), task.draw([0], 1, 0, "query"), repeats=1)
+
+
+def test_cli_attributes_generated_images_of_a_class_conditional_pipeline(workdir, tmp_path):
+    from hf_influence.cli import main
+
+    saved_pipeline("dit", workdir)
+    digit_dataset(8).save_to_disk(str(tmp_path / "digits"))
+    common = ["--pipeline", str(workdir / "dit"), "--dataset", str(tmp_path / "digits"), "--class-column", "label"]
+    main(["fit-factors", *common, "--output-dir", str(tmp_path / "factors"), "--batch-size", "8"])
+    main(["build-index", *common, "--output-dir", str(tmp_path / "index"), "--num-draws", "2"])
+    attribute = [
+        "attribute",
+        *common,
+        "--factors",
+        str(tmp_path / "factors"),
+        "--index",
+        str(tmp_path / "index"),
+        "--generate",
+        "2",
+        "--num-inference-steps",
+        "2",
+        "--top-k",
+        "3",
+        "--guidance-scale",
+        "1",
+    ]  # fmt: skip; DiTPipeline's null class is 1000, past the tiny DiT's 10
+    with pytest.raises(ValueError, match="--label"):
+        main([*attribute, "--output-dir", str(tmp_path / "none")])
+    main([*attribute, "--label", "3", "7", "--output-dir", str(tmp_path / "a")])
+    queries = json.loads((tmp_path / "a" / "attribution.json").read_text())["queries"]
+    assert len(queries) == 2 and all(len(query["proponents"]["ids"]) == 3 for query in queries)
+    main([*attribute, "--label", "4", "7", "--output-dir", str(tmp_path / "b")])
+    changed = json.loads((tmp_path / "b" / "attribution.json").read_text())["queries"]
+    assert changed[1] == queries[1] and changed[0]["proponents"]["scores"] != queries[0]["proponents"]["scores"]
