@@ -465,22 +465,10 @@ def test_cli_attributes_generated_images_of_a_class_conditional_pipeline(workdir
     common = ["--pipeline", str(workdir / "dit"), "--dataset", str(tmp_path / "digits"), "--class-column", "label"]
     main(["fit-factors", *common, "--output-dir", str(tmp_path / "factors"), "--batch-size", "8"])
     main(["build-index", *common, "--output-dir", str(tmp_path / "index"), "--num-draws", "2"])
-    attribute = [
-        "attribute",
-        *common,
-        "--factors",
-        str(tmp_path / "factors"),
-        "--index",
-        str(tmp_path / "index"),
-        "--generate",
-        "2",
-        "--num-inference-steps",
-        "2",
-        "--top-k",
-        "3",
-        "--guidance-scale",
-        "1",
-    ]  # fmt: skip; DiTPipeline's null class is 1000, past the tiny DiT's 10
+    # guidance 1: DiTPipeline's null class for guidance is 1000, past the tiny DiT's 10 classes
+    options = ["--generate", "2", "--num-inference-steps", "2", "--top-k", "3", "--guidance-scale", "1"]
+    stored = ["--factors", str(tmp_path / "factors"), "--index", str(tmp_path / "index")]
+    attribute = ["attribute", *common, *stored, *options]
     with pytest.raises(ValueError, match="--label"):
         main([*attribute, "--output-dir", str(tmp_path / "none")])
     main([*attribute, "--label", "3", "7", "--output-dir", str(tmp_path / "a")])
