@@ -520,16 +520,16 @@ def build_app(explorer: InfluenceExplorer) -> gr.Blocks:
                 summary = gr.Markdown(label="Summary", elem_id="summary")
                 proponents = gr.Gallery(
                     label="Top proponents (id · label · score)",
-                    columns=8,
-                    height=220,
+                    columns=4,
+                    height="auto",
                     format="png",
                     object_fit="contain",
                     elem_id="proponents",
                 )
                 opponents = gr.Gallery(
                     label="Top opponents (id · label · score)",
-                    columns=8,
-                    height=220,
+                    columns=4,
+                    height="auto",
                     format="png",
                     object_fit="contain",
                     elem_id="opponents",
