@@ -271,3 +271,24 @@ def test_class_conditional_pipeline_generates_and_attributes_with_its_label(tmp_
         explorer.generate(5, 4)
     with pytest.raises(ValueError, match="Class label must be a whole number between 0 and 9"):
         explorer.explain(image, label=12)
+
+
+def test_failed_and_cancelled_requests_leave_the_app_serving(server, direct, monkeypatch):
+    client, explorer = server
+    pipeline, attributor, dataset = direct
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("the index disk went away")
+
+    monkeypatch.setattr(explorer.attributor, "attribute", broken)
+    with pytest.raises(AppError, match=r"Something went wrong \(RuntimeError: the index disk went away\)"):
+        client.predict(2, 3, None, "", "loss", 1e-8, TOP_K, api_name="/generate")
+    monkeypatch.undo()
+
+    job = client.submit(5, 100, None, "", "loss", 1e-8, TOP_K, api_name="/generate")
+    job.cancel()  # the browser tab closed or the user navigated away
+    outputs = client.predict(6, 3, None, "", "loss", 1e-8, TOP_K, api_name="/generate")
+    image = pipeline(
+        batch_size=1, generator=torch.Generator().manual_seed(6), num_inference_steps=3, output_type="pil"
+    ).images[0]
+    check_view(outputs, image, attributor, dataset)
