@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +23,13 @@ from space_app import TOP_K, build_artifacts, free_port, served_explorer
 
 import hf_influence as hfi
 from hf_influence.datasets_io import load_training_dataset
-from hf_influence.explorer import config_from_environment, load_upload_image, score_histogram
+from hf_influence.explorer import (
+    ExplorerConfig,
+    InfluenceExplorer,
+    config_from_environment,
+    load_upload_image,
+    score_histogram,
+)
 
 
 @pytest.fixture(scope="module")
@@ -234,8 +241,6 @@ def test_class_conditional_pipeline_generates_and_attributes_with_its_label(tmp_
     """A DiT: the explorer offers its classes, samples with `class_labels` and attributes with `labels`."""
     from tiny_pipelines import DIGIT_NAMES, digit_dataset, saved_pipeline
 
-    from hf_influence.explorer import ExplorerConfig, InfluenceExplorer
-
     pipeline = saved_pipeline("dit", tmp_path)
     digits = digit_dataset(12)
     task = hfi.DiffusionTask.from_pipeline(pipeline, label_column="label")
@@ -292,3 +297,22 @@ def test_failed_and_cancelled_requests_leave_the_app_serving(server, direct, mon
         batch_size=1, generator=torch.Generator().manual_seed(6), num_inference_steps=3, output_type="pil"
     ).images[0]
     check_view(outputs, image, attributor, dataset)
+
+
+def test_explorer_loads_hub_ids(hub, artifacts, direct):
+    """The Space's usual set-up: pipeline, dataset, factors and index are Hub repos (here the local test Hub)."""
+    _, attributor, dataset = direct
+    repos = {name: f"hub-tester/space-{name}-{uuid.uuid4().hex[:8]}" for name in ("ddpm", "digits", "factors", "index")}
+    DiffusionPipeline.from_pretrained(artifacts["pipeline"]).push_to_hub(repos["ddpm"], token=hub.token)
+    dataset.push_to_hub(repos["digits"], token=hub.token)
+    hfi.InfluenceFactors.from_pretrained(artifacts["factors"]).push_to_hub(repos["factors"], token=hub.token)
+    hfi.GradientIndex.from_pretrained(artifacts["index"]).push_to_hub(repos["index"], token=hub.token)
+    config = ExplorerConfig(repos["ddpm"], repos["factors"], repos["index"], repos["digits"], top_k=TOP_K)
+    explorer = InfluenceExplorer.from_config(config)
+    digit = dataset[20]["image"]
+    explanation = explorer.explain(digit)
+    expected = attributor.attribute([digit], top_k=TOP_K, seed=0)
+    assert [record["id"] for record in explanation.records["opponents"]] == expected.opponent_ids[0].tolist()
+    np.testing.assert_allclose(
+        [record["score"] for record in explanation.records["opponents"]], expected.opponent_scores[0], rtol=1e-5
+    )
