@@ -84,7 +84,7 @@ class DemoConfig:
             lr_warmup_steps=min(200, self.train_steps // 10),
             random_flip=False,  # a mirrored digit is not a digit
             seed=self.seed,
-            checkpoint_every=500,
+            checkpoint_every=max(1, min(500, self.train_steps // 8)),  # an interrupted run loses little
         )
 
     def factor_config(self) -> FactorConfig:

@@ -6,6 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
+from conftest import Crash
 
 import hf_influence as hfi
 from hf_influence.cli import main
@@ -81,3 +83,30 @@ def test_demo_config_refuses_bad_settings():
         DemoConfig(num_examples=6000)
     with pytest.raises(ValueError, match="resolution must be between 4 and 28"):
         DemoConfig(resolution=64)
+
+
+def test_interrupted_training_resumes_to_the_uninterrupted_model(tmp_path, monkeypatch):
+    """A demo killed during training resumes from the last checkpoint and ends with the same weights."""
+    config = DemoConfig(**{**TINY, "train_steps": 8})  # a checkpoint every step
+    reference = prepare_demo(config, tmp_path / "whole").task.denoiser.state_dict()
+
+    original, calls = torch.optim.AdamW.step, [0]
+
+    def step(self, *args, **kwargs):
+        calls[0] += 1
+        if calls[0] > 5:
+            raise Crash
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", step)
+    with pytest.raises(Crash):
+        prepare_demo(config, tmp_path / "interrupted")
+    checkpoints = tmp_path / "interrupted" / "ddpm" / "checkpoints"
+    assert max(int(path.name.split("-")[1]) for path in checkpoints.iterdir()) == 5
+    calls[0] = -1000  # count the resumed run's steps without crashing
+    resumed = prepare_demo(config, tmp_path / "interrupted")
+    assert calls[0] == -1000 + 3  # steps 6, 7 and 8 only: it went on from checkpoint-5
+    monkeypatch.undo()
+    for name, value in resumed.task.denoiser.state_dict().items():
+        torch.testing.assert_close(value, reference[name], rtol=0, atol=0)
+    assert not checkpoints.exists()
