@@ -21,7 +21,6 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-PIPELINE_TRAINING_CONFIG = "training_config.json"  # written by train_ddpm beside the pipeline
 GRID_CELL = 64  # smallest displayed image side in attribution grids, in pixels
 
 
@@ -70,14 +69,14 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--image-column",
         default=None,
-        help=f"dataset column with the images (default: the pipeline's {PIPELINE_TRAINING_CONFIG}, else 'image')",
+        help="dataset column with the images (default: the pipeline's training_config.json, else 'image')",
     )
     parser.add_argument(
         "--random-flip",
         action=argparse.BooleanOptionalAction,
         default=None,
         help="whether training flipped images at random; must match training "
-        f"(default: the pipeline's {PIPELINE_TRAINING_CONFIG}, else off)",
+        "(default: the pipeline's training_config.json, else off)",
     )
     parser.add_argument(
         "--class-column", help="dataset column with each image's class label, for a class-conditional pipeline (DiT)"
@@ -96,30 +95,20 @@ def add_push_arguments(parser: argparse.ArgumentParser, what: str) -> None:
     parser.add_argument("--private", action="store_true", help="create the Hub repo as private")
 
 
-def training_setting(pipeline: str, name: str, given: Any, fallback: Any) -> Any:
-    """An explicit option, else what train_ddpm recorded beside the pipeline, else `fallback`:
-    the task must see the data as training did (column, flips) or the curvature is of another loss."""
-    if given is not None:
-        return given
-    recorded = Path(pipeline) / PIPELINE_TRAINING_CONFIG
-    if recorded.is_file():
-        return json.loads(recorded.read_text()).get(name, fallback)
-    return fallback
-
-
 def load_pipeline(args: argparse.Namespace, device: Any) -> tuple[Any, Any]:
     """The `--pipeline` (a folder or Hub id) on `device` and its DiffusionTask, reading the data as training did."""
     from diffusers import DiffusionPipeline
 
     from .hub import download_pipeline
     from .task import DiffusionTask
+    from .training import recorded_training_setting
 
     folder, source = download_pipeline(args.pipeline, args.pipeline_revision)
     pipeline = DiffusionPipeline.from_pretrained(folder).to(device)
     task = DiffusionTask.from_pipeline(
         pipeline,
-        image_column=training_setting(folder, "image_column", args.image_column, "image"),
-        random_flip=training_setting(folder, "random_flip", args.random_flip, False),
+        image_column=recorded_training_setting(folder, "image_column", args.image_column, "image"),
+        random_flip=recorded_training_setting(folder, "random_flip", args.random_flip, False),
         label_column=args.class_column,
         caption_column=args.caption_column,
         condition_dropout=args.condition_dropout,

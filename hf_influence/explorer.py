@@ -215,9 +215,9 @@ class InfluenceExplorer:
         check that they belong together (same model, the indexed dataset)."""
         from diffusers import DiffusionPipeline
 
-        from .cli import training_setting
         from .datasets_io import load_training_dataset
         from .hub import download_pipeline
+        from .training import recorded_training_setting
 
         folder, source = download_pipeline(config.pipeline)
         pipeline = DiffusionPipeline.from_pretrained(folder)
@@ -226,7 +226,7 @@ class InfluenceExplorer:
             "labels": {"label_column": config.label_column},
             "prompts": {"caption_column": config.caption_column},
         }[config.conditioning]
-        image_column = training_setting(folder, "image_column", config.image_column, "image")
+        image_column = recorded_training_setting(folder, "image_column", config.image_column, "image")
         task = DiffusionTask.from_pipeline(pipeline, image_column=image_column, **condition_columns)
         task.source = source
         factors = InfluenceFactors.from_pretrained(config.factors, task=task)

@@ -10,6 +10,7 @@ never interrupted. The saved pipeline holds the EMA weights, the model that is a
 from __future__ import annotations
 
 import json
+import os
 import warnings
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -25,6 +26,7 @@ from .files import atomic_write
 from .task import DiffusionTask
 
 CHECKPOINT_PREFIX = "checkpoint-"
+TRAINING_CONFIG_NAME = "training_config.json"  # the TrainConfig, written beside the saved pipeline
 TRAINING_STATE = "training_state.json"
 # The EMA warm-up of the paper's recipes (method.md §1.2): decay = min(ema_decay, 1 - (1 + step) ** -0.75).
 EMA_POWER = 0.75
@@ -357,6 +359,17 @@ def train_ddpm(
     pipeline = DDPMPipeline(unet=unet, scheduler=scheduler)
     if accelerator.is_main_process:
         pipeline.save_pretrained(output_dir)
-        (output_dir / "training_config.json").write_text(json.dumps(asdict(config), indent=2))
+        (output_dir / TRAINING_CONFIG_NAME).write_text(json.dumps(asdict(config), indent=2))
     accelerator.wait_for_everyone()
     return pipeline
+
+
+def recorded_training_setting(pipeline_folder: str | os.PathLike, name: str, given: Any, fallback: Any) -> Any:
+    """An explicit setting, else what train_ddpm recorded beside the pipeline, else `fallback`: the task
+    must read the data as training did (image column, flips), or the curvature is that of another loss."""
+    if given is not None:
+        return given
+    recorded = Path(pipeline_folder) / TRAINING_CONFIG_NAME
+    if recorded.is_file():
+        return json.loads(recorded.read_text()).get(name, fallback)
+    return fallback
