@@ -69,20 +69,21 @@ def crash_task_after(task: hfi.DiffusionTask, calls: int) -> None:
     task.run = run
 
 
+# Two levels, the second with attention: every layer kind of a real UNet, small enough for exact checks on CPU.
+TINY_UNET_LAYOUT = {
+    "block_out_channels": (8, 16),
+    "layers_per_block": 1,
+    "down_block_types": ("DownBlock2D", "AttnDownBlock2D"),
+    "up_block_types": ("AttnUpBlock2D", "UpBlock2D"),
+    "norm_num_groups": 4,
+    "attention_head_dim": 8,
+}
+
+
 def tiny_unet(sample_size: int = 8, channels: int = 1, seed: int = 0) -> UNet2DModel:
-    """A UNet2DModel with attention, small enough for exact checks on CPU."""
+    """A UNet2DModel of `TINY_UNET_LAYOUT` with seeded random weights."""
     torch.manual_seed(seed)
-    return UNet2DModel(
-        sample_size=sample_size,
-        in_channels=channels,
-        out_channels=channels,
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
-        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
-        norm_num_groups=4,
-        attention_head_dim=8,
-    )
+    return UNet2DModel(sample_size=sample_size, in_channels=channels, out_channels=channels, **TINY_UNET_LAYOUT)
 
 
 def mnist_dataset(count: int, size: int) -> datasets.Dataset:

@@ -15,6 +15,7 @@ from typing import Any
 
 import datasets
 import torch
+from conftest import TINY_UNET_LAYOUT
 from diffusers import (
     AutoencoderKL,
     DDIMScheduler,
@@ -76,15 +77,7 @@ def tiny_vq() -> VQModel:
 
 def tiny_latent_unet() -> UNet2DModel:
     return UNet2DModel(
-        sample_size=LATENT_SIZE,
-        in_channels=LATENT_CHANNELS,
-        out_channels=LATENT_CHANNELS,
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
-        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
-        norm_num_groups=4,
-        attention_head_dim=8,
+        sample_size=LATENT_SIZE, in_channels=LATENT_CHANNELS, out_channels=LATENT_CHANNELS, **TINY_UNET_LAYOUT
     )
 
 
