@@ -60,10 +60,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--fit-draws", type=int, default=8, help="draws per example per K-FAC fitting pass")
     parser.add_argument("--measure-draws", type=int, default=200, help="common draws per query measurement")
     parser.add_argument("--projection-dim", type=int, default=2048, help="TRAK / D-TRAK projection dimension")
-    parser.add_argument("--top-k", type=int, default=50, help="examples removed per query in the top-k test")
-    parser.add_argument("--top-k-queries", type=int, default=4, help="queries retrained without their top k")
+    parser.add_argument("--top-k", type=int, default=100, help="examples removed per query in the top-k test")
+    parser.add_argument("--top-k-queries", type=int, default=8, help="queries retrained without their top k")
     parser.add_argument("--workers", type=int, default=2, help="parallel retraining processes")
     parser.add_argument("--skip-kronfluence", action="store_true")
+    parser.add_argument("--skip-top-k", action="store_true", help="only the LDS (no top-k retraining)")
     parser.add_argument("--quick", action="store_true", help="tiny sizes, for a smoke run of the pipeline")
     parser.add_argument("--output", default=None, help=f"results JSON (default: {RESULTS}; --quick: in workdir)")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # "RANK/WORLD/PHASE", internal
@@ -201,7 +202,7 @@ def kfac_scores(args, task, dataset, samples, workdir) -> dict[str, torch.Tensor
     blocks: dict[str, dict[str, torch.Tensor]] = {}  # name -> layer -> (weight, bias) stacked later
     names = []
     for variant, (strategy, approx, dampings) in VARIANTS.items():
-        path = workdir / "factors" / variant
+        path = workdir / f"factors-M{args.fit_draws}" / variant
         if (path / "config.json").is_file():
             factors = hfi.InfluenceFactors.from_pretrained(path)
         else:
@@ -308,14 +309,14 @@ def kronfluence_scores(args, task, dataset, samples, workdir) -> torch.Tensor:
     return scores.view(len(samples), args.draws, len(dataset), args.draws).mean(dim=(1, 3))
 
 
-def all_scores(args, workdir: Path, dataset, samples, timings: dict[str, float]) -> dict[str, torch.Tensor]:
-    """Every method's [Q, N] scores, cached in workdir/scores.safetensors."""
+def all_scores(args, workdir: Path, dataset, samples, timings: Timings) -> dict[str, torch.Tensor]:
+    """Every method's [Q, N] scores, cached in workdir (one file per draw count and projection size)."""
     from safetensors.torch import load_file, save_file
 
     from hf_influence.baselines import pixel_similarity_scores
     from hf_influence.evaluation.ground_truth import load_model_task
 
-    path = workdir / "scores.safetensors"
+    path = workdir / f"scores-K{args.draws}-M{args.fit_draws}-P{args.projection_dim}.safetensors"
     scores = load_file(str(path)) if path.is_file() else {}
     task = load_model_task(workdir / "full")
     stages = {
@@ -333,13 +334,78 @@ def all_scores(args, workdir: Path, dataset, samples, timings: dict[str, float])
             continue
         start = time.perf_counter()
         scores.update({key: value.to(torch.float32).contiguous() for key, value in compute().items()})
-        timings[f"scores:{stage}"] = time.perf_counter() - start
+        phase = f"scores:{stage} (K={args.draws})"
+        timings.record(phase, time.perf_counter() - start)
         save_file(scores, str(path))
-        print(f"[scores] {stage}: {timings[f'scores:{stage}']:.0f} s", flush=True)
+        print(f"[scores] {phase}: {timings.seconds[phase]:.0f} s", flush=True)
     return scores
 
 
+def top_k_removal(args, workdir, dataset, samples, scores, results, full, timings) -> dict[str, Any]:
+    """Retrain without each query's top k: K-FAC at its default damping, TRAK / D-TRAK at their tuned λ,
+    and k random examples; the increase of the query's loss over the full model's."""
+    from hf_influence.evaluation import measure
+    from hf_influence.evaluation.ground_truth import load_model_task
+    from hf_influence.evaluation.top_k_removal import removal_models, removed_examples
+
+    start = time.perf_counter()
+    chosen = {
+        "ekfac-expand (default 1e-8)": f"ekfac-expand@{KFAC_DEFAULT:g}",
+        "trak (tuned)": best(results, "trak")[0],
+        "d-trak (tuned)": best(results, "d-trak")[0],
+    }
+    query_ids = list(range(args.top_k_queries))
+    removed = {
+        label: [removed_examples(scores[key], q, args.top_k, args.examples) for q in query_ids]
+        for label, key in chosen.items()
+    }
+    removed["random"] = [removed_examples(None, q, args.top_k, args.examples) for q in query_ids]
+    plan = {label: removal_models(sets, args.examples, [0], workdir / "top_k") for label, sets in removed.items()}
+    unique = {m.path: m for per_method in plan.values() for per_query in per_method for m in per_query}
+    (workdir / "top_k_plan.json").write_text(
+        json.dumps({"models": [{"path": str(m.path), "kept": list(m.kept), "seed": m.seed} for m in unique.values()]})
+    )
+    if not all(model.is_trained() for model in unique.values()):
+        run_workers(args, "top_k")
+        timings.record("top_k_retraining", time.perf_counter() - start)
+    top_k = {}
+    for label, per_method in plan.items():
+        increases = []
+        for query, per_query in zip(query_ids, per_method, strict=True):
+            task = load_model_task(per_query[0].path)
+            value = measure(task, samples[query : query + 1], "loss", args.measure_draws, 0, 256, query_ids=[query])
+            increases.append(value[0].item() - full[query].item())
+        top_k[label] = {
+            "increase_per_query": increases,
+            "mean_increase": sum(increases) / len(increases),
+            "relative_mean_increase": sum(
+                increase / full[query].item() for increase, query in zip(increases, query_ids, strict=True)
+            )
+            / len(increases),
+        }
+    return {"k": args.top_k, "queries": query_ids, "scores_used": chosen, "results": top_k}
+
+
 # ---------------------------------------------------------------------------------------------- main
+
+
+def paired_difference(results: dict[str, Any], key: str, reference: str) -> dict[str, float]:
+    """Mean ± s.e. over queries of the per-query LDS difference `key − reference` (paired: same queries)."""
+    difference = results[key].per_query - results[reference].per_query
+    return {"mean": difference.mean().item(), "stderr": difference.std().item() / math.sqrt(len(difference))}
+
+
+class Timings:
+    """Wall time of each phase that did work, kept in workdir/timings.json, so a resumed run reports the
+    time its phases took when they ran rather than the time of reading their caches."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.path = workdir / "timings.json"
+        self.seconds: dict[str, float] = json.loads(self.path.read_text()) if self.path.is_file() else {}
+
+    def record(self, phase: str, seconds: float) -> None:
+        self.seconds[phase] = seconds
+        self.path.write_text(json.dumps(self.seconds, indent=2))
 
 
 def best(results: dict[str, Any], prefix: str) -> tuple[str, Any]:
@@ -355,6 +421,7 @@ def main() -> None:
         return
     from hf_influence.evaluation import (
         GroundTruth,
+        RetrainedModel,
         exact_retraining_ceiling,
         lds,
         measure,
@@ -363,28 +430,28 @@ def main() -> None:
     )
     from hf_influence.evaluation.ground_truth import load_model_task
     from hf_influence.evaluation.retraining import train_models
-    from hf_influence.evaluation.top_k_removal import removal_models, removed_examples
 
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    timings: dict[str, float] = {}
-    started = time.perf_counter()
+    timings = Timings(workdir)
     dataset = digits(args)
     config = train_config(args)
 
     start = time.perf_counter()
-    from hf_influence.evaluation import RetrainedModel
-
-    train_models(dataset, config, [RetrainedModel(workdir / "full", tuple(range(len(dataset))), 0)])
+    full_model = RetrainedModel(workdir / "full", tuple(range(len(dataset))), 0)
+    if not full_model.is_trained() or not (workdir / "queries.safetensors").is_file():
+        train_models(dataset, config, [full_model])
+        queries(args, workdir)
+        timings.record("full_model_and_queries", time.perf_counter() - start)
     samples = queries(args, workdir)
-    timings["full_model_and_queries"] = time.perf_counter() - start
 
     scores = all_scores(args, workdir, dataset, samples, timings)
 
     start = time.perf_counter()
-    run_workers(args, "lds")
-    timings["lds_retraining_and_measurement"] = time.perf_counter() - start
     models = lds_models(args, workdir)
+    if not all(model.is_trained() for model in models):
+        run_workers(args, "lds")
+        timings.record("lds_retraining_and_measurement", time.perf_counter() - start)
     values = measure_models(models, samples, "loss", args.measure_draws, 0, 256)
     subsets = random_subsets(args.examples, args.alpha, args.subsets, seed=0)
     ground_truth = GroundTruth(
@@ -406,45 +473,11 @@ def main() -> None:
 
     results = {key: lds(value, ground_truth) for key, value in scores.items()}
     ceiling = exact_retraining_ceiling(ground_truth) if args.seeds > 1 else None
-
-    # Retraining without the top k: K-FAC at its default damping, TRAK / D-TRAK at their tuned λ.
-    start = time.perf_counter()
-    chosen = {
-        "ekfac-expand (default 1e-8)": f"ekfac-expand@{KFAC_DEFAULT:g}",
-        "trak (tuned)": best(results, "trak")[0],
-        "d-trak (tuned)": best(results, "d-trak")[0],
-    }
-    query_ids = list(range(args.top_k_queries))
-    removed = {
-        label: [removed_examples(scores[key], q, args.top_k, args.examples) for q in query_ids]
-        for label, key in chosen.items()
-    }
-    removed["random"] = [removed_examples(None, q, args.top_k, args.examples) for q in query_ids]
-    plan = {label: removal_models(sets, args.examples, [0], workdir / "top_k") for label, sets in removed.items()}
-    unique = {m.path: m for per_method in plan.values() for per_query in per_method for m in per_query}
-    (workdir / "top_k_plan.json").write_text(
-        json.dumps({"models": [{"path": str(m.path), "kept": list(m.kept), "seed": m.seed} for m in unique.values()]})
-    )
-    run_workers(args, "top_k")
+    reference = f"ekfac-expand@{KFAC_DEFAULT:g}"
+    paired = {key: paired_difference(results, key, reference) for key in sorted(results) if key != reference}
     full_task = load_model_task(workdir / "full")
     full = measure(full_task, samples, "loss", args.measure_draws, 0, 256)
-    top_k = {}
-    for label, per_method in plan.items():
-        increases = []
-        for query, per_query in zip(query_ids, per_method, strict=True):
-            task = load_model_task(per_query[0].path)
-            value = measure(task, samples[query : query + 1], "loss", args.measure_draws, 0, 256, query_ids=[query])
-            increases.append(value[0].item() - full[query].item())
-        top_k[label] = {
-            "increase_per_query": increases,
-            "mean_increase": sum(increases) / len(increases),
-            "relative_mean_increase": sum(
-                increase / full[query].item() for increase, query in zip(increases, query_ids, strict=True)
-            )
-            / len(increases),
-        }
-    timings["top_k_retraining"] = time.perf_counter() - start
-    timings["total"] = time.perf_counter() - started
+    top_k = None if args.skip_top_k else top_k_removal(args, workdir, dataset, samples, scores, results, full, timings)
 
     table = {key: {"mean": r.mean, "stderr": r.stderr} for key, r in sorted(results.items())}
     summary = {
@@ -458,10 +491,15 @@ def main() -> None:
         "kfac_dampings": KFAC_DAMPINGS,
         "trak_dampings_relative": TRAK_DAMPINGS,
         "tuned": {prefix: best(results, prefix)[0] for prefix in ("ekfac-expand", "kfac-expand", "trak", "d-trak")},
-        "top_k_removal": {"k": args.top_k, "queries": query_ids, "scores_used": chosen, "results": top_k},
+        "paired_difference_vs_" + reference: paired,
+        "top_k_removal": top_k,
         "full_model_query_loss_mean": full.mean().item(),
         "measurement_spread_across_subsets": ground_truth.mean_measurements().std(dim=0).mean().item(),
-        "timings_seconds": timings,
+        "seed_to_seed_difference_std": (ground_truth.measurements[:, 0] - ground_truth.measurements[:, -1])
+        .std(dim=0)
+        .mean()
+        .item(),
+        "timings_seconds": timings.seconds | {"sum_of_phases": sum(timings.seconds.values())},
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "load_average": os.getloadavg()},
         "torch_threads_per_process": 1,
         "workers": args.workers,
@@ -475,7 +513,7 @@ def main() -> None:
     if ceiling is not None:
         print(f"exact retraining ceiling: {ceiling}")
     print(json.dumps(top_k, indent=1))
-    print(f"total {timings['total']:.0f} s; wrote {output}")
+    print(f"phases {timings.seconds}; wrote {output}")
 
 
 if __name__ == "__main__":
