@@ -56,7 +56,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seeds", type=int, default=2, help="training seeds per subset")
     parser.add_argument("--steps", type=int, default=500, help="training steps of every model")
     parser.add_argument("--batch-size", type=int, default=32, help="training batch size")
-    parser.add_argument("--draws", type=int, default=16, help="(t, ε) draws per gradient, both sides, every method")
+    parser.add_argument("--draws", type=int, default=64, help="(t, ε) draws per gradient, both sides, every method")
     parser.add_argument("--fit-draws", type=int, default=8, help="draws per example per K-FAC fitting pass")
     parser.add_argument("--measure-draws", type=int, default=200, help="common draws per query measurement")
     parser.add_argument("--projection-dim", type=int, default=2048, help="TRAK / D-TRAK projection dimension")
