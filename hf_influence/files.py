@@ -11,12 +11,22 @@ from pathlib import Path
 from typing import Any
 
 
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _current_umask()
+
+
 def atomic_write(path: Path, write: Callable[[str], object]) -> None:
     """Write through `write(temp_path)` in the same folder, then rename over `path`."""
     handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(handle)
     try:
         write(temp)
+        os.chmod(temp, 0o666 & ~_UMASK)  # mkstemp makes the file private (0600); give it a normal file's mode
         os.replace(temp, path)
     except BaseException:
         Path(temp).unlink(missing_ok=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -211,3 +212,12 @@ def test_a_truncated_shard_is_refused_by_its_recorded_size(fitted, tmp_path):
     shard.write_bytes(shard.read_bytes()[:-10])
     with pytest.raises(ValueError, match="truncated"):
         hfi.InfluenceFactors.from_pretrained(tmp_path)
+
+
+def test_saved_files_get_the_usual_permissions(fitted, tmp_path):
+    _, _, factors = fitted
+    factors.save_pretrained(tmp_path)
+    umask = os.umask(0)
+    os.umask(umask)
+    for name in ("factors.safetensors", "config.json", "README.md"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o666 & ~umask  # not mkstemp's private 0600
