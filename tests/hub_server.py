@@ -798,6 +798,9 @@ class LocalHub:
             access_log=False,
             lifespan="off",
             timeout_graceful_shutdown=2,
+            # The clients pool connections; uvicorn's default 5 s keep-alive closes an idle one just as a client may
+            # reuse it ("Connection reset by peer"). The real Hub keeps connections much longer.
+            timeout_keep_alive=600,
         )
         self._server = uvicorn.Server(config)
         reserved = _RESERVED_SOCKETS.pop(self.port, None)
