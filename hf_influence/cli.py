@@ -420,10 +420,10 @@ def run_lds(args: argparse.Namespace) -> None:
         results["exact retraining (ceiling)"] = exact_retraining_ceiling(ground_truth)
         print(f"exact retraining (ceiling): {results['exact retraining (ceiling)']}")
     if args.output:
-        from .files import atomic_write
+        from .files import atomic_write_text
 
         summary = json.dumps({name: {"mean": r.mean, "stderr": r.stderr} for name, r in results.items()}, indent=2)
-        atomic_write(Path(args.output), lambda temp: Path(temp).write_text(summary))
+        atomic_write_text(Path(args.output), summary)
 
 
 # ---------------------------------------------------------------------------- demo

@@ -19,7 +19,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from .factors import FactorConfig
-from .files import atomic_write
+from .files import atomic_write_text
 from .index import IndexConfig
 from .training import TrainConfig
 
@@ -252,7 +252,7 @@ class _StageRecords:
     def _write(self, stage: str, record: dict[str, Any]) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
         text = json.dumps(record, indent=2, sort_keys=True)
-        atomic_write(self.directory / f"{stage}.json", lambda temp: Path(temp).write_text(text))
+        atomic_write_text(self.directory / f"{stage}.json", text)
 
 
 def _load_or_none(path: Path, load: Any) -> Any:

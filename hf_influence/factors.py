@@ -24,7 +24,7 @@ from safetensors.torch import save_file
 from .cards import factors_card
 from .curvature.inverse import Layer
 from .curvature.large_layers import activation_rank
-from .files import atomic_write, read_config
+from .files import atomic_write, atomic_write_text, read_config
 from .hub import open_repo, push_folder
 from .provenance import describe_mismatch, model_provenance
 
@@ -191,13 +191,13 @@ class InfluenceFactors:
             files[filename] = (directory / filename).stat().st_size
         if split.is_sharded:
             weight_map = json.dumps({"metadata": split.metadata, "weight_map": split.tensor_to_filename}, indent=2)
-            atomic_write(directory / WEIGHTS_INDEX_NAME, lambda path: Path(path).write_text(weight_map))
+            atomic_write_text(directory / WEIGHTS_INDEX_NAME, weight_map)
             files[WEIGHTS_INDEX_NAME] = (directory / WEIGHTS_INDEX_NAME).stat().st_size
         storage = {"covariances": keep_covariances, "eigenvector_dtype": eigenvector_dtype or self.config["dtype"]}
         config = {**self.config, "storage": storage, "files": files}
-        atomic_write(directory / "README.md", lambda path: Path(path).write_text(factors_card(config, repo_id)))
+        atomic_write_text(directory / "README.md", factors_card(config, repo_id))
         text = json.dumps(config, indent=2, sort_keys=True)
-        atomic_write(directory / CONFIG_NAME, lambda path: Path(path).write_text(text))
+        atomic_write_text(directory / CONFIG_NAME, text)
         for stale in {*directory.glob("factors*.safetensors"), directory / WEIGHTS_INDEX_NAME}:
             if stale.name not in files:
                 stale.unlink(missing_ok=True)  # left by an earlier save with another number of shards

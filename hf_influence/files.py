@@ -33,6 +33,11 @@ def atomic_write(path: Path, write: Callable[[str], object]) -> None:
         raise
 
 
+def atomic_write_text(path: Path, text: str) -> None:
+    """`atomic_write` of a text file."""
+    atomic_write(path, lambda temp: Path(temp).write_text(text))
+
+
 def read_config(directory: Path, expected_format: str, max_version: int, what: str) -> dict[str, Any]:
     """Read and check `config.json` of a saved hf_influence folder (factors or index)."""
     from . import __version__

@@ -29,7 +29,7 @@ from .curvature.layers import find_layers, layer_kind
 from .data import dataset_length, draw_chunks, iter_example_batches
 from .distributed import Ranks
 from .factors import FORMAT, FORMAT_VERSION, FactorConfig, InfluenceFactors
-from .files import atomic_write
+from .files import atomic_write, atomic_write_text
 from .provenance import DatasetSource, dataset_provenance, model_provenance
 from .task import DenoiserOutput, DiffusionTask
 
@@ -286,7 +286,7 @@ class FitCheckpoint:
         atomic_write(self.directory / name, lambda temp: save_file(content, temp))
         position = {key: getattr(state, key) for key in ("stage", "examples", "draws", "fit_draws")}
         text = json.dumps({"identity": self.identity, "position": position, "tensors": name})
-        atomic_write(self.state_path, lambda temp: Path(temp).write_text(text))
+        atomic_write_text(self.state_path, text)
         if previous is not None and previous != name:
             (self.directory / previous).unlink(missing_ok=True)
 

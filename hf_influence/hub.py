@@ -132,7 +132,7 @@ def open_repo(
         ) from error
     repo = RepoFiles(str(path_or_repo_id), repo_type, revision, None, token, cache_dir, local_files_only)
     config = Path(repo._download("config.json", revision))
-    repo.revision = _commit_of_cached_file(config) or revision
+    repo.revision = _cached_commit(config) or revision
     return repo
 
 
@@ -154,14 +154,15 @@ def download_pipeline(
         ) from error
     except RevisionNotFoundError as error:
         raise FileNotFoundError(f"The pipeline repo {path_or_repo_id!r} has no revision {revision!r}.") from error
-    return folder, {"repo_id": str(path_or_repo_id), "revision": _commit_of_cached_file(Path(folder) / "x")}
+    return folder, {"repo_id": str(path_or_repo_id), "revision": _cached_commit(Path(folder))}
 
 
-def _commit_of_cached_file(path: Path) -> str | None:
-    """The commit a cached file belongs to: its snapshot folder's name (…/snapshots/<commit>/file)."""
-    for parent in path.parents:
-        if parent.parent.name == CACHE_SNAPSHOTS:
-            return parent.name
+def _cached_commit(path: Path) -> str | None:
+    """The commit a cached file or snapshot folder belongs to: the snapshot folder's name
+    (…/snapshots/<commit>/…)."""
+    for folder in (path, *path.parents):
+        if folder.parent.name == CACHE_SNAPSHOTS:
+            return folder.name
     return None
 
 

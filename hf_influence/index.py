@@ -30,7 +30,7 @@ from .compression import COMPRESSIONS, Stored, make_compressor
 from .curvature.layers import find_layers, layer_kind
 from .data import dataset_length, iter_example_batches
 from .distributed import Ranks
-from .files import atomic_write, read_config
+from .files import atomic_write, atomic_write_text, read_config
 from .gradients import GradientPlan, per_example_gradients
 from .hub import open_repo, push_folder
 from .provenance import DatasetSource, dataset_provenance, describe_mismatch, model_provenance
@@ -142,9 +142,9 @@ class GradientIndex:
             source = self.directory / shard["file"]
             atomic_write(target / shard["file"], lambda temp, source=source: shutil.copyfile(source, temp))
         card = index_card(self.config)
-        atomic_write(target / "README.md", lambda temp: Path(temp).write_text(card))
+        atomic_write_text(target / "README.md", card)
         text = json.dumps(self.config, indent=2)
-        atomic_write(target / CONFIG_NAME, lambda temp: Path(temp).write_text(text))
+        atomic_write_text(target / CONFIG_NAME, text)
         return files
 
     def push_to_hub(
@@ -361,7 +361,7 @@ def _prepare_build_state(directory: Path, metadata: dict[str, Any], world: int) 
     state = {"metadata": metadata, "num_processes": world}
     state_path = directory / BUILD_STATE_NAME
     if not state_path.is_file():
-        atomic_write(state_path, lambda temp: Path(temp).write_text(json.dumps(state)))
+        atomic_write_text(state_path, json.dumps(state))
     elif json.loads(state_path.read_text()) != state:
         raise ValueError(
             f"{directory} holds a partial index built with other settings, model, dataset or number of "
@@ -446,7 +446,7 @@ def _finish(directory: Path, shards: list[dict[str, Any]], metadata: dict[str, A
         os.replace(directory / shard["file"], directory / final)
         shard["file"] = final
     config = {**metadata, "num_examples": sum(shard["num_examples"] for shard in shards), "shards": shards}
-    atomic_write(directory / "README.md", lambda temp: Path(temp).write_text(index_card(config)))
-    atomic_write(directory / CONFIG_NAME, lambda temp: Path(temp).write_text(json.dumps(config, indent=2)))
+    atomic_write_text(directory / "README.md", index_card(config))
+    atomic_write_text(directory / CONFIG_NAME, json.dumps(config, indent=2))
     (directory / BUILD_STATE_NAME).unlink()
     return GradientIndex(directory, config)

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .distributed import Ranks
-from .files import atomic_write
+from .files import atomic_write_text
 from .task import DiffusionTask
 
 CHECKPOINT_PREFIX = "checkpoint-"
@@ -350,7 +350,7 @@ def train_ddpm(
             accelerator.save_state(str(path))
             if accelerator.is_main_process:  # written last: a checkpoint without it is incomplete
                 state = json.dumps({"step": step, "epoch": epoch, "next_batch": index + 1})
-                atomic_write(path / TRAINING_STATE, lambda temp, state=state: Path(temp).write_text(state))
+                atomic_write_text(path / TRAINING_STATE, state)
             accelerator.wait_for_everyone()
     progress.close()
 

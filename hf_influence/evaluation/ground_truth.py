@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from ..data import draw_chunks
-from ..files import atomic_write, read_config
+from ..files import atomic_write, atomic_write_text, read_config
 from ..measurements import Measurement, get_measurement
 from ..task import DiffusionTask
 from ..training import TrainConfig
@@ -119,7 +119,7 @@ def measure_models(
         values = measure(task, samples, measurement, num_draws, seed, batch_size, ids)
         cached.parent.mkdir(exist_ok=True)
         record = json.dumps({"measurement": repr(measurement), "num_draws": num_draws, "values": values.tolist()})
-        atomic_write(cached, lambda temp, record=record: Path(temp).write_text(record))
+        atomic_write_text(cached, record)
         rows.append(values)
     return torch.stack(rows)
 
@@ -184,8 +184,8 @@ class GroundTruth:
             tensors["queries"] = self.queries.to(torch.float32).contiguous()
         config = {"format": FORMAT, "format_version": FORMAT_VERSION, "library_version": __version__, **self.config}
         atomic_write(directory / TENSORS_NAME, lambda temp: save_file(tensors, temp, metadata={"format": FORMAT}))
-        atomic_write(directory / CONFIG_NAME, lambda temp: Path(temp).write_text(json.dumps(config, indent=2)))
-        atomic_write(directory / CARD_NAME, lambda temp: Path(temp).write_text(self._card()))
+        atomic_write_text(directory / CONFIG_NAME, json.dumps(config, indent=2))
+        atomic_write_text(directory / CARD_NAME, self._card())
 
     @classmethod
     def from_pretrained(

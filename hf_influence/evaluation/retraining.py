@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from ..files import atomic_write
+from ..files import atomic_write_text
 from ..training import TrainConfig, train_ddpm
 
 RETRAINING_FILE = "retraining.json"
@@ -65,7 +65,7 @@ def train_model(dataset: Any, config: TrainConfig, model: RetrainedModel) -> Non
     path = model.path
     path.mkdir(parents=True, exist_ok=True)
     record = json.dumps(model.record())
-    atomic_write(path / RETRAINING_FILE, lambda temp: Path(temp).write_text(record))
+    atomic_write_text(path / RETRAINING_FILE, record)
     resume = any((path / "checkpoints").glob("checkpoint-*"))
     train_ddpm(dataset.select(list(model.kept)), replace(config, seed=model.seed), path, resume=resume)
     shutil.rmtree(path / "checkpoints", ignore_errors=True)  # the saved pipeline is all later steps need
