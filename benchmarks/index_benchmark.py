@@ -53,7 +53,7 @@ def real_index(args: argparse.Namespace, workdir: Path) -> dict:
     results: dict = {"fit_factors_s": time.perf_counter() - start}
     start = time.perf_counter()
     exact = hfi.pairwise_scores(
-        task, factors, query_images, train, num_query_draws=args.draws, num_train_draws=args.draws
+        task, factors, query_images, train, draws_per_query=args.draws, draws_per_example=args.draws
     )
     results["pairwise_scores_s"] = time.perf_counter() - start
     results["exact_bytes_per_example"] = 4 * sum(
@@ -62,7 +62,10 @@ def real_index(args: argparse.Namespace, workdir: Path) -> dict:
     for label, options in COMPRESSIONS.items():
         start = time.perf_counter()
         index = hfi.build_index(
-            task, train, hfi.IndexConfig(num_draws=args.draws, shard_size=1024, **options), output_dir=workdir / label
+            task,
+            train,
+            hfi.IndexConfig(draws_per_example=args.draws, shard_size=1024, **options),
+            output_dir=workdir / label,
         )
         build = time.perf_counter() - start
         attributor = hfi.Attributor(task, factors, index)
@@ -72,7 +75,7 @@ def real_index(args: argparse.Namespace, workdir: Path) -> dict:
         for draws in args.query_draws:
             attributor = hfi.Attributor(task, factors, index)  # no cached query gradient
             start = time.perf_counter()
-            attributor.attribute(query_images[:1], num_draws=draws, top_k=10)
+            attributor.attribute(query_images[:1], draws_per_query=draws, top_k=10)
             latencies[draws] = time.perf_counter() - start
         start = time.perf_counter()
         index.scores({name: index.compressor.query(name, *grad) for name, grad in _random_queries(factors).items()})
@@ -97,7 +100,9 @@ def _random_queries(factors: hfi.InfluenceFactors, count: int = 1) -> dict:
 
 def synthetic_search(args: argparse.Namespace, workdir: Path, factors: hfi.InfluenceFactors) -> dict:
     """Search time over `args.synthetic` examples of random projected gradients, in the real format."""
-    config = hfi.IndexConfig(num_draws=1, shard_size=args.synthetic_shard, **COMPRESSIONS[args.synthetic_compression])
+    config = hfi.IndexConfig(
+        draws_per_example=1, shard_size=args.synthetic_shard, **COMPRESSIONS[args.synthetic_compression]
+    )
     index_config = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,

@@ -215,8 +215,8 @@ def run_hf(args: argparse.Namespace, meter: Meter) -> tuple[Any, dict[str, Any]]
         queries,
         train,
         damping=args.damping,
-        num_query_draws=args.draws,
-        num_train_draws=args.draws,
+        draws_per_query=args.draws,
+        draws_per_example=args.draws,
         batch_size=BATCH_SIZE,
         seed=SEED,
     )

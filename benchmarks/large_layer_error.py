@@ -21,16 +21,17 @@ from pathlib import Path
 
 import torch
 from diffusers import DDPMScheduler, UNet2DModel
+from hf_influence.curvature.inverse import precondition
 from models import benchmark_unet
 from scipy.stats import pearsonr, spearmanr
 
 import hf_influence as hfi
 from hf_influence.attribution import DEFAULT_DAMPING
-from hf_influence.curvature.inverse import precondition
-from hf_influence.curvature.kfac import eigendecompose
+from hf_influence.curvature.eigen import eigendecompose
 from hf_influence.curvature.large_layers import truncate
 from hf_influence.data import mnist_demo_dataset
-from hf_influence.gradients import GradientPlan, per_example_gradients
+from hf_influence.engine import DrawPlan
+from hf_influence.gradients import per_example_gradients
 
 RESULTS = Path(__file__).resolve().parent / "results" / "large_layer_error.json"
 
@@ -45,7 +46,7 @@ def mid_sized_layer() -> dict:
     d_in = len(activation)
     layers = {name: hfi.curvature.find_layers(task.denoiser)[name]}
     samples = task.preprocess([row["image"] for row in train.select(range(32))])
-    grads = per_example_gradients(task, layers, samples, list(range(32)), GradientPlan.training(4, 0, 64))
+    grads = per_example_gradients(task, layers, samples, list(range(32)), DrawPlan.training(4, 0, 64))
     weight, bias = (value.double() if value is not None else None for value in grads[name])
     values, vectors = eigendecompose(activation)
     g_values, g_vectors = eigendecompose(gradient)
@@ -99,7 +100,7 @@ def tiny_unet_scores() -> dict:
     digits = mnist_demo_dataset(72, 8)
     train, queries = digits.select(range(64)), task.preprocess([row["image"] for row in digits.select(range(64, 72))])
     common = {"batch_size": 64, "draws_per_example": 4}
-    options = {"num_query_draws": 4, "num_train_draws": 4, "batch_size": 64}
+    options = {"draws_per_query": 4, "draws_per_example": 4, "batch_size": 64}
     exact_factors = hfi.fit_factors(task, train, hfi.FactorConfig(**common))
     exact = hfi.pairwise_scores(task, exact_factors, queries, train, **options)
     sizes = [shape[1] for shape in exact_factors.config["shapes"].values()]

@@ -190,12 +190,13 @@ def run_workers(args: argparse.Namespace, phase: str) -> None:
 
 def kfac_scores(args, task, dataset, samples, workdir) -> dict[str, torch.Tensor]:
     """Every K-FAC variant × damping and the gradient dot product, from one pass over the training gradients."""
-    import hf_influence as hfi
-    from hf_influence.attribution import query_gradients
     from hf_influence.curvature.inverse import precondition_in_eigenbasis, to_eigenbasis
+
+    import hf_influence as hfi
     from hf_influence.curvature.layers import find_layers
     from hf_influence.data import iter_example_batches
-    from hf_influence.gradients import GradientPlan, per_example_scores
+    from hf_influence.engine import DrawPlan
+    from hf_influence.gradients import per_example_scores, query_gradients
 
     layers = find_layers(task.denoiser)
     grads = query_gradients(task, layers, samples, "loss", args.draws, seed=0, batch_size=64)
@@ -226,7 +227,7 @@ def kfac_scores(args, task, dataset, samples, workdir) -> dict[str, torch.Tensor
         )
         for name in layers
     }
-    plan = GradientPlan.training(args.draws, seed=0, batch_size=64)
+    plan = DrawPlan.training(args.draws, seed=0, batch_size=64)
     columns = []
     for batch in iter_example_batches(dataset, task, max(1, 64 // args.draws)):
         columns.append(per_example_scores(task, layers, batch.samples, batch.ids, plan, stacked).cpu())

@@ -59,7 +59,7 @@ def run(examples: int, draws: int, output: str, processes: int) -> None:
     fit_seconds = time.perf_counter() - start
     fit_bytes = sent["bytes"]
     start = time.perf_counter()
-    config = hfi.IndexConfig(num_draws=draws, compression="svd", rank=2, quantize_bits=8, shard_size=64)
+    config = hfi.IndexConfig(draws_per_example=draws, compression="svd", rank=2, quantize_bits=8, shard_size=64)
     hfi.build_index(task, dataset, config, output_dir=f"{output}/index-{processes}", accelerator=accelerator)
     index_seconds = time.perf_counter() - start
     rank = 0 if accelerator is None else accelerator.process_index

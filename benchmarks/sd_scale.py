@@ -153,8 +153,8 @@ def run_hf(args: argparse.Namespace, device: Any) -> dict[str, Any]:
     import torch
 
     import hf_influence as hfi
-    from hf_influence.curvature.kfac import CovarianceAccumulator
     from hf_influence.curvature.layers import find_layers
+    from hf_influence.curvature.statistics import CovarianceAccumulator
     from hf_influence.distributed import Ranks
     from hf_influence.fitting import _run_pass
 

@@ -2,62 +2,40 @@
 
 Positive `τ` means that removing training example `j` is predicted to increase the query's
 measurement. Scores carry no 1/N. The query side is preconditioned once; the training side is
-streamed, so no training gradient is ever stored.
+streamed (`pairwise_scores`) or read from a gradient index (`Attributor`).
 """
 
 from __future__ import annotations
 
 import hashlib
-import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
-from .curvature.inverse import precondition, precondition_in_eigenbasis, to_eigenbasis
-from .data import dataset_length, iter_example_batches
+from .deprecation import renamed_argument
+from .engine import DrawPlan, dataset_batches
 from .factors import InfluenceFactors
-from .gradients import GradientPlan, LayerGradients, per_example_gradients, per_example_scores
+from .gradients import DEFAULT_DRAWS, LayerGradients, per_example_scores, query_gradients
 from .index import GradientIndex
 from .measurements import Measurement, get_measurement
 from .task import DiffusionTask
+from .validation import check_float, check_int
 
 DEFAULT_DAMPING = 1e-8
-DEFAULT_NUM_DRAWS = 250  # K = K' = 250, as the paper's CIFAR runs
 
 
-def factor_layers(task: DiffusionTask, factors: InfluenceFactors) -> dict[str, nn.Module]:
+def modules_of(task: DiffusionTask, names: Sequence[str]) -> dict[str, nn.Module]:
+    """The denoiser's layers called `names`, in that order."""
     modules = dict(task.denoiser.named_modules())
-    return {name: modules[name] for name in factors.modules}
-
-
-def query_gradients(
-    task: DiffusionTask,
-    layers: dict[str, nn.Module],
-    queries: Any,
-    measurement: str | Measurement = "loss",
-    num_draws: int = DEFAULT_NUM_DRAWS,
-    seed: int = 0,
-    batch_size: int = 64,
-    labels: Sequence[Any] | None = None,
-    prompts: Sequence[str] | None = None,
-) -> LayerGradients:
-    """Gradients of the measurement of each query (no augmentation; query `i` has id `i`), conditioned on
-    its class `labels` (class-conditional pipelines) or `prompts` (text-to-image) as it was generated."""
-    measurement = get_measurement(measurement)
-    samples = task.examples(queries, labels=labels, prompts=prompts)
-    plan = GradientPlan.query(measurement, num_draws, seed, batch_size)
-    return per_example_gradients(task, layers, samples, list(range(len(samples))), plan)
+    return {name: modules[name] for name in names}
 
 
 def precondition_gradients(factors: InfluenceFactors, gradients: LayerGradients, damping: float) -> LayerGradients:
     """Apply `(F̂ + λI)⁻¹` layer by layer."""
-    return {
-        name: precondition(factors.layer(name), weight, bias, damping) for name, (weight, bias) in gradients.items()
-    }
+    return {name: factors.precondition(name, weight, bias, damping) for name, (weight, bias) in gradients.items()}
 
 
 def pairwise_scores(
@@ -67,37 +45,39 @@ def pairwise_scores(
     train_dataset: Iterable[dict[str, Any]],
     measurement: str | Measurement = "loss",
     damping: float = DEFAULT_DAMPING,
-    num_query_draws: int = DEFAULT_NUM_DRAWS,
-    num_train_draws: int = DEFAULT_NUM_DRAWS,
+    draws_per_query: int = DEFAULT_DRAWS,
+    draws_per_example: int = DEFAULT_DRAWS,
     batch_size: int = 64,
     seed: int = 0,
     id_column: str = "id",
     force: bool = False,
     labels: Sequence[Any] | None = None,
     prompts: Sequence[str] | None = None,
+    num_query_draws: int | None = None,
+    num_train_draws: int | None = None,
 ) -> torch.Tensor:
-    """Influence scores `[num_queries, num_train]` of every training example on every query.
+    """Influence scores `[num_queries, num_train]` of every training example on every query, no index needed.
 
     `queries` are generated samples (PIL images, arrays or `(B, C, H, W)` tensors in [-1, 1]), with the class
     `labels` or `prompts` they were generated from for a conditional pipeline (training rows bring theirs).
-    Training gradients average `num_train_draws` draws of the training loss per example (with the
-    task's augmentation); query gradients average `num_query_draws` draws of `measurement`.
-    Columns follow the order of `train_dataset`. Scores are fp32 (fp64 for an fp64 model).
+    Training gradients average `draws_per_example` draws of the training loss per example (with the
+    task's augmentation); query gradients average `draws_per_query` draws of `measurement`. With factors of the
+    identity strategy (`InfluenceFactors.identity`) these are gradient dot products. Columns follow the order of
+    `train_dataset`. Scores are fp32 (fp64 for an fp64 model). `num_query_draws` / `num_train_draws` are the
+    deprecated names of the draw counts.
     """
+    draws_per_query = renamed_argument("num_query_draws", num_query_draws, "draws_per_query", draws_per_query)
+    draws_per_example = renamed_argument("num_train_draws", num_train_draws, "draws_per_example", draws_per_example)
+    damping = check_float("damping", damping, minimum=0)
+    for name, value in (("draws_per_query", draws_per_query), ("draws_per_example", draws_per_example)):
+        check_int(name, value, minimum=1)
     factors.check_compatible(task, force=force)
-    layers = factor_layers(task, factors)
-    grads = query_gradients(
-        task, layers, queries, measurement, num_query_draws, seed, batch_size, labels=labels, prompts=prompts
-    )
+    layers = modules_of(task, factors.modules)
+    grads = query_gradients(task, layers, queries, measurement, draws_per_query, seed, batch_size, labels, prompts)
     preconditioned = precondition_gradients(factors.to(task.device), grads, damping)
-    examples_per_batch = max(1, batch_size // num_train_draws)
-    length = dataset_length(train_dataset)
-    plan = GradientPlan.training(num_train_draws, seed, batch_size)
-    columns = []
-    batches = iter_example_batches(train_dataset, task, examples_per_batch, id_column)
-    total = math.ceil(length / examples_per_batch) if length else None
-    for batch in tqdm(batches, total=total, desc="Scoring training examples", unit="batch"):
-        columns.append(per_example_scores(task, layers, batch.samples, batch.ids, plan, preconditioned))
+    plan = DrawPlan.training(draws_per_example, seed, batch_size)
+    batches = dataset_batches(train_dataset, task, plan.examples_per_pass, id_column, "Scoring training examples")
+    columns = [per_example_scores(task, layers, batch.samples, batch.ids, plan, preconditioned) for batch in batches]
     return torch.cat(columns, dim=1).cpu()
 
 
@@ -134,6 +114,7 @@ class AttributionResult:
         """The dataset rows (image, label, ...) of one query's proponents or opponents, in rank order."""
         if which not in ("proponents", "opponents"):
             raise ValueError(f"which must be 'proponents' or 'opponents', got {which!r}.")
+        query = check_int("query", query, minimum=0, maximum=len(self.scores) - 1)
         wanted = (self.proponent_ids if which == "proponents" else self.opponent_ids)[query].tolist()
         return rows_by_id(dataset, wanted, id_column)
 
@@ -162,7 +143,9 @@ def rows_by_id(dataset: Any, ids: list[int], id_column: str = "id") -> list[dict
 class Attributor:
     """Answers "which training examples made this image?" from fitted factors and a gradient index.
 
-    Query gradients are cached in the Kronecker eigenbasis, so a new damping costs one division.
+    Query gradients are cached in the strategy's eigenbasis, so a new damping costs one division; the cache is
+    keyed by the images, their conditioning, the measurement's `cache_key()`, the draws and the model's
+    fingerprint (a measurement without a key is never cached).
     """
 
     def __init__(
@@ -183,8 +166,9 @@ class Attributor:
         self.task = task
         self.factors = factors.to(task.device)
         self.index = index
-        self.damping = damping
-        self.layers = factor_layers(task, factors)
+        self.damping = check_float("damping", damping, minimum=0)
+        self.force = force
+        self.layers = modules_of(task, factors.modules)
         self._cache: tuple[tuple, dict] | None = None
 
     @classmethod
@@ -218,24 +202,28 @@ class Attributor:
         measurement: str | Measurement = "loss",
         top_k: int = 10,
         damping: float | None = None,
-        num_draws: int | None = None,
+        draws_per_query: int | None = None,
         seed: int = 0,
         batch_size: int = 64,
         labels: Sequence[Any] | None = None,
         prompts: Sequence[str] | None = None,
+        num_draws: int | None = None,
     ) -> AttributionResult:
         """Score `images` (with the class `labels` or `prompts` they were generated from, for a conditional
-        pipeline) against every indexed example; `num_draws` defaults to the index's K."""
-        damping = self.damping if damping is None else damping
-        samples = self.task.preprocess(images)
-        num_draws = num_draws or self.index.config["num_draws"]
-        conditions = {"labels": labels, "prompts": prompts}
-        rotated = self._rotated_query_gradients(
-            samples, conditions, get_measurement(measurement), num_draws, seed, batch_size
-        )
+        pipeline) against every indexed example; `draws_per_query` defaults to the index's draws per example
+        (`num_draws` is its deprecated name)."""
+        draws_per_query = renamed_argument("num_draws", num_draws, "draws_per_query", draws_per_query)
+        damping = self.damping if damping is None else check_float("damping", damping, minimum=0)
+        top_k = check_int("top_k", top_k, minimum=1)
+        if draws_per_query is None:
+            draws_per_query = self.index.config.draws_per_example
+        draws_per_query = check_int("draws_per_query", draws_per_query, minimum=1)
+        self.factors.check_compatible(self.task, force=self.force)  # the weights may have changed since
+        measurement = get_measurement(measurement)
+        rotated = self._rotated_query_gradients(images, labels, prompts, measurement, draws_per_query, seed, batch_size)
         queries = {}
         for name, (weight, bias) in rotated.items():
-            weight, bias = precondition_in_eigenbasis(self.factors.layer(name), weight, bias, damping)
+            weight, bias = self.factors.precondition_in_eigenbasis(name, weight, bias, damping)
             queries[name] = self.index.compressor.query(name, weight.cpu(), None if bias is None else bias.cpu())
         scores, ids = self.index.scores(queries)
         k = min(top_k, scores.shape[1])
@@ -248,19 +236,33 @@ class Attributor:
 
     def _rotated_query_gradients(
         self,
-        samples: torch.Tensor,
-        conditions: dict[str, Any],
+        images: Any,
+        labels: Sequence[Any] | None,
+        prompts: Sequence[str] | None,
         measurement: Measurement,
-        num_draws: int,
+        draws_per_query: int,
         seed: int,
         batch_size: int,
-    ) -> dict:
-        image_hash = hashlib.blake2b(samples.numpy().tobytes()).hexdigest()
-        key = (image_hash, repr(conditions), repr(measurement), num_draws, seed)
-        if self._cache is None or self._cache[0] != key:
-            grads = query_gradients(
-                self.task, self.layers, samples, measurement, num_draws, seed, batch_size, **conditions
+    ) -> LayerGradients:
+        """The queries' measurement gradients in the eigenbasis, from the cache when the same request was the
+        last one. Images are preprocessed once, for the cache key and the gradients alike."""
+        pixels = self.task.preprocess(images)
+        conditions = self.task.query_conditions(labels, prompts, len(pixels))
+        key = None
+        if measurement.cache_key() is not None:
+            image_hash = hashlib.blake2b(pixels.numpy().tobytes()).hexdigest()
+            key = (
+                image_hash,
+                repr(conditions),
+                measurement.cache_key(),
+                draws_per_query,
+                seed,
+                self.task.fingerprint(),
             )
-            rotated = {name: to_eigenbasis(self.factors.layer(name), *grad) for name, grad in grads.items()}
-            self._cache = (key, rotated)
+        if key is None or self._cache is None or self._cache[0] != key:
+            examples = self.task.encode(pixels, conditions)
+            grads = query_gradients(self.task, self.layers, examples, measurement, draws_per_query, seed, batch_size)
+            rotated = {name: self.factors.to_eigenbasis(name, *grad) for name, grad in grads.items()}
+            self._cache = None if key is None else (key, rotated)
+            return rotated
         return self._cache[1]

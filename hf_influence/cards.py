@@ -7,56 +7,56 @@ settings that matter for using it, and how to load it; its metadata (`library_na
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from huggingface_hub import DatasetCard, DatasetCardData, ModelCard, ModelCardData
+
+if TYPE_CHECKING:
+    from .factors import FactorsMetadata
+    from .index import IndexMetadata
 
 TAGS = ["hf_influence", "influence-functions", "data-attribution", "diffusion"]
 
 
-def _hub_id(source: dict[str, Any] | None) -> str | None:
+def _hub_id(source: Any) -> str | None:
     """A Hub repo id (`owner/name`) from a provenance record; local paths are not linked."""
-    repo_id = (source or {}).get("repo_id")
+    repo_id = source.repo_id
     if not repo_id or repo_id.startswith((".", "/", "~")) or repo_id.count("/") != 1:
         return None
     return repo_id
 
 
-def _source_line(what: str, source: dict[str, Any] | None) -> str:
-    source = source or {}
-    name = source.get("repo_id") or "unknown"
-    revision = f" at revision `{source['revision']}`" if source.get("revision") else ""
-    split = f", split `{source['split']}`" if source.get("split") else ""
-    return f"- {what}: `{name}`{revision}{split}"
+def _source_line(what: str, source: Any) -> str:
+    revision = f" at revision `{source.revision}`" if source.revision else ""
+    split = f", split `{source.split}`" if getattr(source, "split", None) else ""
+    return f"- {what}: `{source.repo_id or 'unknown'}`{revision}{split}"
 
 
-def factors_card(config: dict[str, Any], repo_id: str | None = None) -> str:
-    """The model card of a factors repo, from its config.json."""
-    model, dataset = config.get("model", {}), config.get("dataset", {})
+def factors_card(metadata: FactorsMetadata, repo_id: str | None = None) -> str:
+    """The model card of a factors repo."""
+    config, model, dataset, storage = metadata.config, metadata.model, metadata.dataset, metadata.storage
     data = ModelCardData(
         library_name="hf_influence",
         base_model=_hub_id(model),
         datasets=[_hub_id(dataset)] if _hub_id(dataset) else None,
-        tags=[*TAGS, "ekfac" if config["strategy"] == "ekfac" else "kfac"],
+        tags=[*TAGS, config.strategy],
     )
     name = repo_id or "PATH_OR_REPO_ID"
-    storage = config.get("storage", {})
     body = f"""
-# {config["strategy"].upper()} influence factors
+# {config.strategy.upper()} influence factors
 
-Curvature factors (K-FAC {config["approx"]}, GGN^{config["ggn"]}, {config["strategy"].upper()}) of a diffusion
+Curvature factors (K-FAC {config.approx}, GGN^{config.ggn}, {config.strategy.upper()}) of a diffusion
 denoiser, for data attribution with the `hf_influence` library: they precondition query gradients so that
 scores against a gradient index estimate how much each training example influenced a generated image.
 
 ## Computed from
-{_source_line("Pipeline", model)} (denoiser `{model.get("denoiser")}`, fingerprint `{model.get("fingerprint")}`)
+{_source_line("Pipeline", model)} (denoiser `{model.denoiser}`, fingerprint `{model.fingerprint}`)
 {_source_line("Dataset", dataset)}
 
 ## Settings
-- {config["num_draws"]} (t, ε) draws ({config["draws_per_example"]} per example), seed {config["seed"]}
-- {len(config["modules"])} layers (module filter: `{config.get("module_filter")}`)
-- eigenvectors stored as {storage.get("eigenvector_dtype", config["dtype"])}; covariances \
-{"kept" if storage.get("covariances", True) else "dropped"}
+- {metadata.total_draws} (t, ε) draws per pass ({config.draws_per_example} per example), seed {config.seed}
+- {len(metadata.modules)} layers (module filter: `{config.module_filter}`)
+- eigenvectors stored as {storage.eigenvector_dtype}; covariances {"kept" if storage.covariances else "dropped"}
 
 ## Use
 
@@ -71,9 +71,9 @@ Loading checks the pipeline's fingerprint: factors of another model are refused.
     return str(ModelCard(f"---\n{data.to_yaml()}\n---\n{body}"))
 
 
-def index_card(config: dict[str, Any], repo_id: str | None = None) -> str:
-    """The dataset card of a gradient-index repo, from its config.json."""
-    model, dataset = config.get("model", {}), config.get("dataset", {})
+def index_card(metadata: IndexMetadata, repo_id: str | None = None) -> str:
+    """The dataset card of a gradient-index repo."""
+    config, model, dataset = metadata.config, metadata.model, metadata.dataset
     data = DatasetCardData(
         pretty_name="hf_influence gradient index",
         source_datasets=[_hub_id(dataset)] if _hub_id(dataset) else None,
@@ -81,7 +81,7 @@ def index_card(config: dict[str, Any], repo_id: str | None = None) -> str:
         library_name="hf_influence",
         base_model=_hub_id(model),
     )
-    compression = config["compression"] + (f" + {config['quantize_bits']}-bit" if config["quantize_bits"] else "")
+    compression = config.compression + (f" + {config.quantize_bits}-bit" if config.quantize_bits else "")
     name = repo_id or "PATH_OR_REPO_ID"
     body = f"""
 # Training-gradient index
@@ -90,13 +90,13 @@ Per-example training-loss gradients of a diffusion denoiser, stored raw (not pre
 attribution with hf_influence: one index serves any damping and refitted factors.
 
 ## Computed from
-{_source_line("Pipeline", model)} (denoiser `{model.get("denoiser")}`, fingerprint `{model.get("fingerprint")}`)
-{_source_line("Dataset", dataset)} (id column `{dataset.get("id_column", config.get("id_column"))}`)
+{_source_line("Pipeline", model)} (denoiser `{model.denoiser}`, fingerprint `{model.fingerprint}`)
+{_source_line("Dataset", dataset)} (id column `{dataset.id_column}`)
 
 ## Settings
-- {config["num_examples"]} examples in {len(config["shards"])} shards
-- {config["num_draws"]} (t, ε) draws per example, seed {config["seed"]}
-- compression: {compression}; {len(config["modules"])} layers
+- {metadata.num_examples} examples in {len(metadata.shards)} shards
+- {config.draws_per_example} (t, ε) draws per example, seed {config.seed}
+- compression: {compression}; {len(metadata.modules)} layers
 
 ## Use
 

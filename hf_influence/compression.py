@@ -4,19 +4,21 @@ each optionally followed by 8-bit quantisation.
 A compressor turns a layer's per-example gradients into the tensors an index shard stores, turns a
 (preconditioned) query gradient into the matching query-side form, and scores one against the
 other. Inner products are what is preserved: ⟨query, train⟩ ≈ ⟨compressed query, compressed train⟩.
+A linear compressor also offers `transform`, applied to each part of a gradient as it arrives (so the
+full gradient of a wide layer is never accumulated).
 """
 
 from __future__ import annotations
 
-import hashlib
-
 import torch
 
-from .gradients import Projections
+from .seeding import seeded_generator
 
 COMPRESSIONS = ("none", "svd", "projection")
 
 Stored = dict[str, torch.Tensor]  # a layer's tensors in a shard, by key ("weight", "bias", ...)
+# Per layer: (P_out (d_out, k_out), P_in (d_in, k_in)) for Kronecker-structured projections.
+Projections = dict[str, tuple[torch.Tensor, torch.Tensor]]
 
 
 def kronecker_projections(shapes: dict[str, tuple[int, int]], dim: int, seed: int) -> Projections:
@@ -25,8 +27,7 @@ def kronecker_projections(shapes: dict[str, tuple[int, int]], dim: int, seed: in
     the identity (no error). Seeded by (seed, layer name): the same matrices on every machine."""
     projections = {}
     for name, (d_out, d_in) in shapes.items():
-        digest = hashlib.blake2b(f"{seed}/projection/{name}".encode(), digest_size=8).digest()
-        generator = torch.Generator().manual_seed(int.from_bytes(digest, "little") & ((1 << 63) - 1))
+        generator = seeded_generator(seed, "projection", name)
         projections[name] = (_gaussian(d_out, dim, generator), _gaussian(d_in, dim, generator))
     return projections
 
@@ -39,6 +40,12 @@ def _gaussian(size: int, dim: int, generator: torch.Generator) -> torch.Tensor:
 
 class Compressor:
     """No compression: the exact gradients (the projection compressor reuses this storage)."""
+
+    def transform(
+        self, name: str, weight: torch.Tensor, bias: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The linear part of the compression, applied to gradients as they arrive (the identity here)."""
+        return weight, bias
 
     def encode(self, name: str, weight: torch.Tensor, bias: torch.Tensor | None) -> Stored:
         stored = {"weight": weight.flatten(1)}
@@ -59,16 +66,20 @@ class Compressor:
 
 
 class ProjectionCompressor(Compressor):
-    """`P_outᵀ ∇W P_in`: the training side is projected inside the hooks (see `gradients.py`); the
-    query side is projected here with the same matrices."""
+    """`P_outᵀ ∇W P_in` (and `P_outᵀ ∇b`): training gradients are projected as they arrive (`transform`),
+    queries with the same matrices."""
 
     def __init__(self, projections: Projections) -> None:
         self.projections = projections
 
-    def query(self, name: str, weight: torch.Tensor, bias: torch.Tensor | None) -> Stored:
+    def transform(
+        self, name: str, weight: torch.Tensor, bias: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         project_out, project_in = (p.to(weight.device, weight.dtype) for p in self.projections[name])
-        weight = project_out.T @ weight @ project_in
-        return self.encode(name, weight, None if bias is None else bias @ project_out)
+        return project_out.T @ weight @ project_in, None if bias is None else bias @ project_out
+
+    def query(self, name: str, weight: torch.Tensor, bias: torch.Tensor | None) -> Stored:
+        return self.encode(name, *self.transform(name, weight, bias))
 
 
 class SVDCompressor(Compressor):
@@ -143,6 +154,11 @@ class Quantized(Compressor):
             stored |= {key: codes.view(value.shape), f"{key}.scale": scale, f"{key}.min": low}
         return stored
 
+    def transform(
+        self, name: str, weight: torch.Tensor, bias: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return self.inner.transform(name, weight, bias)
+
     def query(self, name: str, weight: torch.Tensor, bias: torch.Tensor | None) -> Stored:
         return self.inner.query(name, weight, bias)
 
@@ -178,18 +194,14 @@ def make_compressor(
     rank: int,
     projection_dim: int,
     quantize_bits: int | None,
-) -> tuple[Compressor, Projections | None]:
-    """The compressor named by an index config, and the projections the gradient hooks must apply."""
+) -> Compressor:
+    """The compressor named by an index config."""
     if compression not in COMPRESSIONS:
         raise ValueError(f"Unknown compression {compression!r}; choose one of {COMPRESSIONS}.")
-    projections = None
     if compression == "projection":
-        projections = kronecker_projections(shapes, projection_dim, seed)
-        compressor: Compressor = ProjectionCompressor(projections)
+        compressor: Compressor = ProjectionCompressor(kronecker_projections(shapes, projection_dim, seed))
     elif compression == "svd":
         compressor = SVDCompressor(rank)
     else:
         compressor = Compressor()
-    if quantize_bits is not None:
-        compressor = Quantized(compressor, quantize_bits)
-    return compressor, projections
+    return compressor if quantize_bits is None else Quantized(compressor, quantize_bits)

@@ -73,28 +73,20 @@ def iter_example_batches(
             stacklevel=2,
         )
     rows = itertools.chain([first], rows)
+    seen: dict[Any, int] = {}
     for position in itertools.count(start, batch_size):
         chunk = list(itertools.islice(rows, batch_size))
         if not chunk:
             return
         ids = [row.get(id_column, position + offset) for offset, row in enumerate(chunk)]
+        for offset, example_id in enumerate(ids):
+            if seen.setdefault(example_id, position + offset) != position + offset:
+                raise ValueError(
+                    f"The {id_column!r} column holds id {example_id!r} twice (rows {seen[example_id]} and "
+                    f"{position + offset}): ids must be unique, or one example's draws and index entry stand for "
+                    "another's."
+                )
         yield ExampleBatch(ids, task.examples_from_rows(chunk))
-
-
-def draw_chunks(num_examples: int, num_draws: int, batch_size: int) -> Iterator[tuple[slice, slice]]:
-    """Split `num_examples × num_draws` rows into forward passes of at most `batch_size` rows.
-
-    Yields (examples, draws) slices. Whole examples go together while their draws fit in a batch;
-    otherwise one example's draws are spread over several passes.
-    """
-    if num_draws <= batch_size:
-        per_chunk = batch_size // num_draws
-        for start in range(0, num_examples, per_chunk):
-            yield slice(start, min(start + per_chunk, num_examples)), slice(0, num_draws)
-    else:
-        for example in range(num_examples):
-            for start in range(0, num_draws, batch_size):
-                yield slice(example, example + 1), slice(start, min(start + batch_size, num_draws))
 
 
 def mnist_demo_dataset(count: int = 5000, size: int = 32):

@@ -1,53 +1,55 @@
-"""`InfluenceFactors`: the fitted (E)K-FAC curvature of a denoiser, saved as config.json + safetensors.
+"""`InfluenceFactors`: the fitted curvature of a denoiser, saved as config.json + safetensors (+ a model card).
 
-Tensor names follow `design.md`: `"{module}.{kind}"` with kinds `activation_covariance`,
-`gradient_covariance`, `activation_eigenvectors`, `gradient_eigenvectors`, `eigenvalues`
-(EK-FAC, d_out × d_in) and `bias_eigenvalues`; K-FAC stores `activation_eigenvalues` and
-`gradient_eigenvalues` instead of the corrected ones.
+Tensor names follow `design.md`: `"{module}.{kind}"` with the kinds of `LayerFactors` (`activation_covariance`,
+`gradient_covariance`, `activation_eigenvectors`, `gradient_eigenvectors`, EK-FAC's corrected `eigenvalues`,
+K-FAC's `activation_eigenvalues` / `gradient_eigenvalues`, `bias_eigenvalues`, and the truncated large layers'
+residual eigenvalues). Which kinds a layer holds is its strategy's business (`curvature/strategies.py`).
 """
 
 from __future__ import annotations
 
 import json
 import os
-import tempfile
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from huggingface_hub import split_torch_state_dict_into_shards
-from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from .artifacts import ArtifactFiles, ModelArtifact
 from .cards import factors_card
-from .curvature.inverse import Layer
 from .curvature.large_layers import activation_rank
-from .files import atomic_write, atomic_write_text, read_config
-from .hub import open_repo, push_folder
-from .provenance import describe_mismatch, model_provenance
+from .curvature.layer_factors import LayerFactors, flatten_layers, unflatten_layers
+from .curvature.layers import find_layers, layer_kind
+from .curvature.probes import GGN_KINDS, OUTPUT_CURVATURES
+from .curvature.statistics import APPROXIMATIONS
+from .curvature.strategies import STRATEGIES, CurvatureStrategy, Gradients, get_strategy
+from .files import atomic_write, atomic_write_text
+from .provenance import DatasetSource, ModelProvenance
+from .tensor_files import read_safetensors
+from .validation import check_choice, check_int, check_regex, check_str
 
 if TYPE_CHECKING:
     from .task import DiffusionTask
 
-FORMAT = "hf_influence.factors"
-FORMAT_VERSION = 1
-CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "factors.safetensors"  # one file; larger factors are sharded as factors-0000k-of-0000n
 WEIGHTS_PATTERN = "factors{suffix}.safetensors"
 WEIGHTS_INDEX_NAME = "factors.safetensors.index.json"
 DEFAULT_MAX_SHARD_SIZE = "5GB"
+FACTOR_DTYPES = ("float32", "float64")
 STORAGE_DTYPES = ("float32", "float64", "bfloat16", "float16")
-SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
 
 
-@dataclass
+@dataclass(frozen=True)
 class FactorConfig:
     """How to fit the curvature. The defaults are the paper's recommended method.
 
     Attributes:
-        strategy: "ekfac" (eigenvalue-corrected, default) or "kfac".
+        strategy: "ekfac" (eigenvalue-corrected, default), "kfac", or "identity" (no curvature: scores are
+            gradient dot products; nothing is fitted).
         approx: "expand" (default; weight-sharing positions act as data) or "reduce".
         ggn: "model" (default; MC Fisher of the denoiser output, GGN^model) or "loss" (GGN^loss:
             outer products of per-draw loss gradients, with the true noise as target).
@@ -82,155 +84,207 @@ class FactorConfig:
     large_layer_rank: int = 1024
 
     def __post_init__(self) -> None:
-        choices = {
-            "strategy": ("ekfac", "kfac"),
-            "approx": ("expand", "reduce"),
-            "ggn": ("model", "loss"),
-            "output_curvature": ("mc", "exact"),
-            "dtype": ("float32", "float64"),
-        }
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"FactorConfig.{name} must be one of {allowed}, got {getattr(self, name)!r}.")
-        if self.draws_per_example < 1 or self.batch_size < 1:
-            raise ValueError("draws_per_example and batch_size must be at least 1.")
-        if self.large_layer_rank < 1 or (self.max_factor_size is not None and self.max_factor_size < 1):
-            raise ValueError("large_layer_rank and max_factor_size must be at least 1.")
+        check_choice("FactorConfig.strategy", self.strategy, sorted(STRATEGIES))
+        check_choice("FactorConfig.approx", self.approx, APPROXIMATIONS)
+        check_choice("FactorConfig.ggn", self.ggn, GGN_KINDS)
+        check_choice("FactorConfig.output_curvature", self.output_curvature, OUTPUT_CURVATURES)
+        check_choice("FactorConfig.dtype", self.dtype, FACTOR_DTYPES)
+        for name in ("draws_per_example", "batch_size", "large_layer_rank"):
+            object.__setattr__(self, name, check_int(f"FactorConfig.{name}", getattr(self, name), minimum=1))
+        object.__setattr__(self, "seed", check_int("FactorConfig.seed", self.seed))
+        if self.max_factor_size is not None:
+            object.__setattr__(
+                self, "max_factor_size", check_int("FactorConfig.max_factor_size", self.max_factor_size, minimum=1)
+            )
+        check_regex("FactorConfig.module_filter", self.module_filter)
+        check_str("FactorConfig.id_column", self.id_column)
 
     @property
     def torch_dtype(self) -> torch.dtype:
         return getattr(torch, self.dtype)
 
+    @property
+    def curvature(self) -> CurvatureStrategy:
+        return get_strategy(self.strategy)
 
-@dataclass
-class InfluenceFactors:
-    """Per-layer curvature factors with the metadata needed to use them safely.
 
-    `config` is what config.json holds: the FactorConfig fields, `num_draws` (draws per pass, the
-    normaliser), `modules` (names in order), their `shapes`, and the model's `fingerprint`.
+@dataclass(frozen=True)
+class StoragePolicy:
+    """How the saved file holds the factors: with or without the covariances, and the eigenvectors' dtype."""
+
+    covariances: bool = True
+    eigenvector_dtype: str = "float32"
+
+
+@dataclass(frozen=True)
+class FactorsMetadata:
+    """What config.json records about factors, besides the files.
+
+    Attributes:
+        config: the FactorConfig they were fitted with (its fields stand at config.json's top level).
+        total_draws: draws per fitting pass over the whole dataset — the normaliser of every factor.
+        modules: the fitted layers' qualified names, in fitting order.
+        shapes: each layer's weight shape (d_out, d_in).
+        model: the pipeline and weights they were fitted on.
+        dataset: the training set they were fitted on.
+        storage: how they were saved.
     """
 
-    config: dict[str, Any]
-    tensors: dict[str, torch.Tensor] = field(repr=False)
+    config: FactorConfig = field(metadata={"flatten": True})
+    total_draws: int
+    modules: tuple[str, ...]
+    shapes: dict[str, tuple[int, int]]
+    model: ModelProvenance
+    dataset: DatasetSource
+    storage: StoragePolicy = field(default_factory=StoragePolicy)
+
+
+def _migrate_v1(config: dict[str, Any]) -> dict[str, Any]:
+    """Format version 1 → 2: `num_draws` is named `total_draws`; `files` maps to sizes and checksums (version 1
+    recorded sizes only, and its first saves no files at all); fields added during version 1 get the values
+    that saves without them meant."""
+    config = dict(config)
+    config["total_draws"] = config.pop("num_draws")
+    sizes = config.pop("files", {WEIGHTS_NAME: None})
+    config["files"] = {name: {"size": size, "blake2b": None} for name, size in sizes.items()}
+    config.setdefault("output_curvature", "mc")
+    config.setdefault("max_factor_size", None)
+    config.setdefault("large_layer_rank", 1024)
+    config.setdefault("storage", {"covariances": True, "eigenvector_dtype": config["dtype"]})
+    config.setdefault("dataset", {"repo_id": None, "revision": None, "split": None, "id_column": config["id_column"]})
+    config["model"] = {"repo_id": None, "revision": None, **config["model"]}
+    return config
+
+
+class InfluenceFactors(ModelArtifact):
+    """Per-layer curvature factors of a denoiser, with the metadata needed to use them safely.
+
+    `metadata` is what config.json records (`FactorsMetadata`); `layers` the typed factors of each layer.
+    """
+
+    FORMAT = "hf_influence.factors"
+    FORMAT_VERSION = 2
+    REPO_TYPE = "model"
+    DESCRIPTION = "influence factors"
+    METADATA = FactorsMetadata
+    DATA_FILES = ("factors*.safetensors", WEIGHTS_INDEX_NAME)
+    MIGRATIONS: ClassVar[dict] = {1: _migrate_v1}
+
+    def __init__(self, metadata: FactorsMetadata, layers: dict[str, LayerFactors]) -> None:
+        missing = [name for name in metadata.modules if name not in layers]
+        if missing:
+            raise ValueError(f"No factors were given for layers {missing[:5]}.")
+        self.metadata = metadata
+        self.layers = {name: layers[name] for name in metadata.modules}
+
+    def __repr__(self) -> str:
+        return f"InfluenceFactors({self.strategy}, {len(self.modules)} layers, {self.metadata.total_draws} draws)"
+
+    @classmethod
+    def identity(
+        cls, task: DiffusionTask, module_filter: str | None = None, dataset: DatasetSource | None = None
+    ) -> InfluenceFactors:
+        """Factors of the identity strategy over the layers `module_filter` selects: with them, influence scores
+        are gradient dot products (the large-damping limit of influence). Nothing is fitted."""
+        layers = find_layers(task.denoiser, module_filter)
+        metadata = FactorsMetadata(
+            config=FactorConfig(strategy="identity", module_filter=module_filter),
+            total_draws=0,
+            modules=tuple(layers),
+            shapes={name: tuple(layer_kind(module).weight_shape(module)) for name, module in layers.items()},
+            model=task.provenance(),
+            dataset=dataset or DatasetSource(),
+        )
+        return cls(metadata, {name: LayerFactors() for name in layers})
+
+    # ------------------------------------------------------------------ reading
+
+    @property
+    def config(self) -> FactorConfig:
+        return self.metadata.config
 
     @property
     def modules(self) -> list[str]:
-        return list(self.config["modules"])
+        return list(self.metadata.modules)
 
     @property
     def strategy(self) -> str:
-        return self.config["strategy"]
+        """The strategy's name ("ekfac", "kfac" or "identity")."""
+        return self.metadata.config.strategy
 
-    def layer(self, module: str) -> Layer:
-        """The tensors of one module, keyed by kind; half-precision storage is upcast for fp32 maths."""
-        prefix = f"{module}."
-        return {
-            name[len(prefix) :]: value.float() if value.dtype in (torch.bfloat16, torch.float16) else value
-            for name, value in self.tensors.items()
-            if name.startswith(prefix)
-        }
+    @property
+    def curvature(self) -> CurvatureStrategy:
+        """The strategy object that preconditions with these factors."""
+        return self.metadata.config.curvature
 
-    def layers(self) -> Iterator[tuple[str, Layer]]:
-        for module in self.modules:
-            yield module, self.layer(module)
+    @property
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """Every tensor by its saved name `"{module}.{kind}"` (as stored: half-precision eigenvectors stay so)."""
+        return flatten_layers(self.layers)
+
+    def layer(self, module: str) -> LayerFactors:
+        """One layer's factors, half-precision storage upcast for fp32 maths."""
+        return self.layers[module].for_maths()
 
     def to(self, device: torch.device | str) -> InfluenceFactors:
-        return InfluenceFactors(self.config, {name: value.to(device) for name, value in self.tensors.items()})
+        return InfluenceFactors(self.metadata, {name: layer.to(device) for name, layer in self.layers.items()})
 
-    # ------------------------------------------------------------------ checks
+    def precondition(self, module: str, weight: torch.Tensor, bias: torch.Tensor | None, damping: float) -> Gradients:
+        """`(F̂ + λI)⁻¹` of batched gradients of one layer."""
+        return self.curvature.precondition(self.layer(module), weight, bias, damping)
 
-    def check_compatible(self, task: DiffusionTask, force: bool = False) -> None:
-        """Refuse factors fitted on another model: layer names and shapes, then the weights' fingerprint."""
-        from .curvature.layers import find_layers, layer_kind
+    def to_eigenbasis(self, module: str, weight: torch.Tensor, bias: torch.Tensor | None) -> Gradients:
+        return self.curvature.to_eigenbasis(self.layer(module), weight, bias)
 
-        layers = find_layers(task.denoiser, None)
-        problems = []
-        for module, shape in self.config["shapes"].items():
-            if module not in layers:
-                problems.append(f"layer {module!r} does not exist in the denoiser")
-            elif list(layer_kind(layers[module]).weight_shape(layers[module])) != list(shape):
-                actual = layer_kind(layers[module]).weight_shape(layers[module])
-                problems.append(f"layer {module!r} has weight shape {tuple(actual)}, the factors {tuple(shape)}")
-        if problems:
-            raise ValueError("These factors do not fit the denoiser: " + "; ".join(problems[:5]) + ".")
-        recorded, actual = self.config.get("model", {}), model_provenance(task)
-        if recorded.get("fingerprint") != actual["fingerprint"] and not force:
-            raise ValueError(
-                f"These factors were fitted on another model ({describe_mismatch(recorded, actual)}): the "
-                "denoiser's weights differ. Refit the factors for this model, or pass force=True if you know the "
-                "difference does not matter."
-            )
+    def precondition_in_eigenbasis(
+        self, module: str, weight: torch.Tensor, bias: torch.Tensor | None, damping: float
+    ) -> Gradients:
+        return self.curvature.precondition_in_eigenbasis(self.layer(module), weight, bias, damping)
 
-    # ------------------------------------------------------------------ serialisation
+    # ------------------------------------------------------------------ saving (see Artifact.save_pretrained)
 
-    def save_pretrained(
+    def _write_data(
         self,
-        save_directory: str | os.PathLike,
+        directory: Path,
+        staging: bool = False,
         max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
         keep_covariances: bool = True,
         eigenvector_dtype: str | None = None,
-        repo_id: str | None = None,
-    ) -> list[str]:
-        """Write the factors (sharded when above `max_shard_size`), config.json and a model card, each file
-        atomically; returns the written file names.
-
-        Storage policies: `keep_covariances=False` drops A and G (scoring needs only eigenvectors and
-        eigenvalues: about half the bytes); `eigenvector_dtype="bfloat16"` or `"float16"` halves the
-        eigenvectors again (they are upcast to fp32 for the maths when used).
-        """
-        directory = Path(save_directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        tensors = self._stored_tensors(keep_covariances, eigenvector_dtype)
+    ) -> tuple[list[str], FactorsMetadata]:
+        """The factors (sharded above `max_shard_size`) under the storage policies: `keep_covariances=False` drops
+        A and G (scoring needs only eigenvectors and eigenvalues: about half the bytes); `eigenvector_dtype=
+        "bfloat16"` or `"float16"` halves the eigenvectors again (they are upcast to fp32 for the maths)."""
+        storage = StoragePolicy(keep_covariances, eigenvector_dtype or self.config.dtype)
+        check_choice("eigenvector_dtype", storage.eigenvector_dtype, STORAGE_DTYPES)
+        tensors = self._stored_tensors(storage)
         split = split_torch_state_dict_into_shards(
             tensors, filename_pattern=WEIGHTS_PATTERN, max_shard_size=max_shard_size
         )
-        files = {}
-        for filename, names in split.filename_to_tensors.items():
-            shard = {name: tensors[name] for name in names}
+        names = []
+        for filename, tensor_names in split.filename_to_tensors.items():
+            shard = {name: tensors[name] for name in tensor_names}
             atomic_write(directory / filename, lambda path, shard=shard: save_file(shard, path, {"format": "pt"}))
-            files[filename] = (directory / filename).stat().st_size
+            names.append(filename)
         if split.is_sharded:
-            weight_map = json.dumps({"metadata": split.metadata, "weight_map": split.tensor_to_filename}, indent=2)
-            atomic_write_text(directory / WEIGHTS_INDEX_NAME, weight_map)
-            files[WEIGHTS_INDEX_NAME] = (directory / WEIGHTS_INDEX_NAME).stat().st_size
-        storage = {"covariances": keep_covariances, "eigenvector_dtype": eigenvector_dtype or self.config["dtype"]}
-        config = {**self.config, "storage": storage, "files": files}
-        atomic_write_text(directory / "README.md", factors_card(config, repo_id))
-        text = json.dumps(config, indent=2, sort_keys=True)
-        atomic_write_text(directory / CONFIG_NAME, text)
-        for stale in {*directory.glob("factors*.safetensors"), directory / WEIGHTS_INDEX_NAME}:
-            if stale.name not in files:
-                stale.unlink(missing_ok=True)  # left by an earlier save with another number of shards
-        return [CONFIG_NAME, "README.md", *files]
+            weight_map = {"metadata": split.metadata, "weight_map": split.tensor_to_filename}
+            atomic_write_text(directory / WEIGHTS_INDEX_NAME, json.dumps(weight_map, indent=2))
+            names.append(WEIGHTS_INDEX_NAME)
+        return names, replace(self.metadata, storage=storage)
 
-    def push_to_hub(
-        self,
-        repo_id: str,
-        private: bool | None = None,
-        token: str | bool | None = None,
-        revision: str | None = None,
-        commit_message: str = "Upload influence factors with hf_influence",
-        create_pr: bool = False,
-        max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
-        keep_covariances: bool = True,
-        eigenvector_dtype: str | None = None,
-    ) -> Any:
-        """Save to a temporary folder and upload it as one commit to the model repo `repo_id` (created
-        if needed); shards of an earlier push that this one replaces are deleted. Returns the `CommitInfo`."""
-        with tempfile.TemporaryDirectory() as folder:
-            files = self.save_pretrained(folder, max_shard_size, keep_covariances, eigenvector_dtype, repo_id)
-            return push_folder(
-                folder,
-                repo_id,
-                "model",
-                files,
-                private=private,
-                token=token,
-                revision=revision,
-                commit_message=commit_message,
-                create_pr=create_pr,
-                stale_patterns=["factors*.safetensors", WEIGHTS_INDEX_NAME],
-            )
+    def _stored_tensors(self, storage: StoragePolicy) -> dict[str, torch.Tensor]:
+        tensors = {}
+        for name, value in self.tensors.items():
+            if not storage.covariances and name.endswith("_covariance"):
+                continue
+            if name.endswith("_eigenvectors"):
+                value = value.to(getattr(torch, storage.eigenvector_dtype))
+            tensors[name] = value.detach().to("cpu").contiguous()
+        return tensors
+
+    def _card(self, metadata: FactorsMetadata, repo_id: str | None) -> str:
+        return factors_card(metadata, repo_id)
+
+    # ------------------------------------------------------------------ loading (see Artifact.from_pretrained)
 
     @classmethod
     def from_pretrained(
@@ -241,89 +295,53 @@ class InfluenceFactors:
         revision: str | None = None,
         modules: Sequence[str] | None = None,
         mmap: bool = False,
-        token: str | bool | None = None,
-        cache_dir: str | os.PathLike | None = None,
-        local_files_only: bool = False,
-        repo_type: str = "model",
+        **hub_options: Any,
     ) -> InfluenceFactors:
         """Load factors from a local folder or a Hub repo (at `revision`), downloading only the shards
         needed; with `task`, check they belong to its denoiser (`force=True` skips the weights check).
 
-        `modules` loads a subset of the layers; `mmap=True` maps the files instead of reading them, so
-        only the pages used are read (large factors, local or cached).
-        """
-        repo = open_repo(path_or_repo_id, repo_type, revision, token, cache_dir, local_files_only)
-        config = read_config(repo.fetch(CONFIG_NAME).parent, FORMAT, FORMAT_VERSION, "InfluenceFactors")
-        wanted = list(config["modules"]) if modules is None else list(modules)
-        unknown = sorted(set(wanted) - set(config["modules"]))
+        `modules` loads a subset of the layers; `mmap=True` maps the files instead of reading them, so only the
+        pages used are read (large factors, local or cached). `hub_options`: token, cache_dir, local_files_only,
+        repo_type."""
+        return super().from_pretrained(
+            path_or_repo_id, revision=revision, task=task, force=force, modules=modules, mmap=mmap, **hub_options
+        )
+
+    @classmethod
+    def _read(
+        cls,
+        files: ArtifactFiles,
+        metadata: FactorsMetadata,
+        task: DiffusionTask | None = None,
+        force: bool = False,
+        modules: Sequence[str] | None = None,
+        mmap: bool = False,
+    ) -> InfluenceFactors:
+        wanted = list(metadata.modules) if modules is None else list(modules)
+        unknown = sorted(set(wanted) - set(metadata.modules))
         if unknown:
-            raise KeyError(f"The factors have no layers {unknown[:5]}; they cover {len(config['modules'])} layers.")
+            raise KeyError(f"The factors have no layers {unknown[:5]}; they cover {len(metadata.modules)} layers.")
         selected = set(wanted)  # tensor names are "{module}.{kind}"; kinds have no dots
-        files = config.get("files", {WEIGHTS_NAME: None})  # saves before sharding had one file and no sizes
-        if WEIGHTS_INDEX_NAME in files:
-            weight_map = json.loads(repo.fetch(WEIGHTS_INDEX_NAME, files[WEIGHTS_INDEX_NAME]).read_text())["weight_map"]
-            needed = {weight_map[name] for name in weight_map if name.rsplit(".", 1)[0] in selected}
-        else:
-            needed = set(files)
-        tensors = {}
-        for filename in sorted(needed):
-            path = repo.fetch(filename, files.get(filename))
-            tensors.update(_read_safetensors(path, lambda name: name.rsplit(".", 1)[0] in selected, mmap))
-        config = {**config, "modules": wanted, "shapes": {name: config["shapes"][name] for name in wanted}}
-        factors = cls(config, tensors)
-        factors._check_tensors()
+        tensors: dict[str, torch.Tensor] = {}
+        for filename in cls._files_holding(files, selected):
+            tensors.update(read_safetensors(files.path(filename), lambda n: n.rsplit(".", 1)[0] in selected, mmap))
+        metadata = replace(metadata, modules=tuple(wanted), shapes={name: metadata.shapes[name] for name in wanted})
+        factors = cls(metadata, unflatten_layers(tensors, wanted))
+        factors._check_layers()
         if task is not None:
             factors.check_compatible(task, force=force)
         return factors
 
-    def _stored_tensors(self, keep_covariances: bool, eigenvector_dtype: str | None) -> dict[str, torch.Tensor]:
-        """The tensors to write under the storage policies, contiguous on the CPU."""
-        if eigenvector_dtype not in (None, *STORAGE_DTYPES):
-            raise ValueError(f"eigenvector_dtype must be one of {STORAGE_DTYPES}, got {eigenvector_dtype!r}.")
-        tensors = {}
-        for name, value in self.tensors.items():
-            if not keep_covariances and name.endswith("_covariance"):
-                continue
-            if eigenvector_dtype is not None and name.endswith("_eigenvectors"):
-                value = value.to(getattr(torch, eigenvector_dtype))
-            tensors[name] = value.detach().to("cpu").contiguous()
-        return tensors
+    @staticmethod
+    def _files_holding(files: ArtifactFiles, modules: set[str]) -> list[str]:
+        """The safetensors files holding the layers `modules` (all of them unless the factors are sharded)."""
+        if WEIGHTS_INDEX_NAME not in files.records:
+            return sorted(files.records)
+        weight_map = json.loads(files.path(WEIGHTS_INDEX_NAME).read_text())["weight_map"]
+        return sorted({weight_map[name] for name in weight_map if name.rsplit(".", 1)[0] in modules})
 
-    def _check_tensors(self) -> None:
-        needed = ["activation_eigenvectors", "gradient_eigenvectors"]
-        needed += ["eigenvalues"] if self.strategy == "ekfac" else ["activation_eigenvalues", "gradient_eigenvalues"]
-        residual = "residual_eigenvalues" if self.strategy == "ekfac" else "activation_residual_eigenvalue"
-        for module, (d_out, d_in) in self.config["shapes"].items():
-            layer = self.layer(module)
-            rank = activation_rank(d_in, self.config.get("max_factor_size"), self.config.get("large_layer_rank", d_in))
-            missing = [kind for kind in needed + ([residual] if rank < d_in else []) if kind not in layer]
-            if missing:
-                raise ValueError(f"The factors file lacks {missing} for layer {module!r}: it is incomplete.")
-            if layer["gradient_eigenvectors"].shape != (d_out, d_out) or layer["activation_eigenvectors"].shape != (
-                d_in,
-                rank,
-            ):
-                raise ValueError(f"The factors of layer {module!r} do not have the shapes its config records.")
-            if not all(torch.isfinite(value).all() for value in layer.values()):
-                raise ValueError(f"The factors of layer {module!r} contain NaN or infinite values.")
-
-
-def _read_safetensors(path: Path, keep: Callable[[str], bool], mmap: bool) -> dict[str, torch.Tensor]:
-    """The tensors of one safetensors file whose names pass `keep`; memory-mapped with `mmap`."""
-    try:
-        with safe_open(path, framework="pt") as handle:
-            names = [name for name in handle.keys() if keep(name)]  # noqa: SIM118
-            if not mmap:
-                return {name: handle.get_tensor(name) for name in names}
-    except SafetensorError as error:
-        raise ValueError(f"Cannot read {path}: {error}. The file is corrupt or truncated.") from error
-    with open(path, "rb") as handle:
-        header_size = int.from_bytes(handle.read(8), "little")
-        header = json.loads(handle.read(header_size))
-    data = torch.from_file(str(path), shared=False, size=path.stat().st_size, dtype=torch.uint8)[8 + header_size :]
-    tensors = {}
-    for name in names:
-        start, end = header[name]["data_offsets"]
-        dtype = SAFETENSORS_DTYPES[header[name]["dtype"]]
-        tensors[name] = data[start:end].view(dtype).view(header[name]["shape"])
-    return tensors
+    def _check_layers(self) -> None:
+        config = self.config
+        for name, shape in self.metadata.shapes.items():
+            rank = activation_rank(shape[1], config.max_factor_size, config.large_layer_rank)
+            self.curvature.check(name, self.layers[name], shape, rank)

@@ -1,35 +1,31 @@
-"""Files of saved folders: atomic writes (readers and crashes never see half a file, a failed write
-keeps the old one) and checked reading of config.json."""
+"""Files of saved folders: atomic writes (readers and crashes never see half a file, a failed write keeps
+the old one) and checksums (a file altered after it was written is refused by name)."""
 
 from __future__ import annotations
 
-import json
+import hashlib
 import os
-import tempfile
+import secrets
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
-
-def _current_umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-_UMASK = _current_umask()
+CHECKSUM_BLOCK = 1 << 24  # bytes hashed at a time: a checksum never holds a whole large file in memory
 
 
 def atomic_write(path: Path, write: Callable[[str], object]) -> None:
-    """Write through `write(temp_path)` in the same folder, then rename over `path`."""
-    handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(handle)
+    """Write through `write(temp_path)` in the same folder, then rename over `path`.
+
+    The final file gets the usual permissions (0666 less the process's umask, as the operating system applies
+    it to a file created here), so it looks like any other the user writes."""
+    temp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
+    os.close(os.open(temp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+    mode = os.stat(temp).st_mode & 0o777
     try:
-        write(temp)
-        os.chmod(temp, 0o666 & ~_UMASK)  # mkstemp makes the file private (0600); give it a normal file's mode
+        write(str(temp))
+        os.chmod(temp, mode)  # some writers (safetensors) replace the file by a private one of their own
         os.replace(temp, path)
     except BaseException:
-        Path(temp).unlink(missing_ok=True)
+        temp.unlink(missing_ok=True)
         raise
 
 
@@ -38,23 +34,10 @@ def atomic_write_text(path: Path, text: str) -> None:
     atomic_write(path, lambda temp: Path(temp).write_text(text))
 
 
-def read_config(directory: Path, expected_format: str, max_version: int, what: str) -> dict[str, Any]:
-    """Read and check `config.json` of a saved hf_influence folder (factors or index)."""
-    from . import __version__
-
-    path = directory / "config.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"No config.json in {directory}: not a saved {what} folder.")
-    try:
-        config = json.loads(path.read_text())
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{path} is not valid JSON ({error}); the file is corrupt.") from error
-    if not isinstance(config, dict) or config.get("format") != expected_format:
-        found = config.get("format") if isinstance(config, dict) else None
-        raise ValueError(f"{path} describes {found!r}, not {expected_format!r}.")
-    if config.get("format_version", 0) > max_version:
-        raise ValueError(
-            f"This {what} uses format version {config['format_version']}; hf_influence {__version__} reads "
-            f"up to {max_version}. Upgrade hf_influence."
-        )
-    return config
+def file_checksum(path: Path) -> str:
+    """The blake2b (128-bit) digest of a file, read block by block."""
+    digest = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as handle:
+        while block := handle.read(CHECKSUM_BLOCK):
+            digest.update(block)
+    return digest.hexdigest()

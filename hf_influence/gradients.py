@@ -1,14 +1,15 @@
 """Per-example gradients averaged over `K` draws, from layer hooks, many examples per backward pass.
 
-An example's `K` draws are rows of one batch; a single backward pass of `Σ_rows value / K` gives
-every row's output gradient `g`, and the example's weight gradient is `Σ_{rows, r} g aᵀ`, one
-batched matmul per layer. No per-example Python loop and no per-sample autograd.
+An example's `K` draws are rows of one batch; a single backward pass of `Σ_rows value / K` gives every row's
+output gradient `g`, and the example's weight gradient is `Σ_{rows, r} g aᵀ`, one batched matmul per layer
+(`LayerKind.summed_gradients`). No per-example Python loop and no per-sample autograd. Query gradients (a
+measurement of generated samples) and training gradients (the training loss) are the same computation under
+different `DrawPlan`s.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -16,45 +17,24 @@ from torch import nn
 
 from .curvature.capture import LayerCapture
 from .curvature.layers import LayerKind
-from .data import draw_chunks
-from .measurements import Loss, Measurement
-from .task import DenoiserOutput, DiffusionTask, Examples
+from .engine import DrawPlan, run_draws
+from .examples import Examples
+from .measurements import Measurement, get_measurement
+from .task import DiffusionTask
 
-Objective = Callable[[DiffusionTask, DenoiserOutput], torch.Tensor]
 # Per layer: weight gradients (B, d_out, d_in) and bias gradients (B, d_out) or None.
 LayerGradients = dict[str, tuple[torch.Tensor, torch.Tensor | None]]
-
-
-# Per layer: (P_out (d_out, k_out), P_in (d_in, k_in)) for Kronecker-structured projections.
-Projections = dict[str, tuple[torch.Tensor, torch.Tensor]]
 # Receives (layer name, examples of the current pass, their partial weight and bias gradients).
 GradientConsumer = Callable[[str, slice, torch.Tensor, torch.Tensor | None], None]
+# A linear map of one layer's gradients, applied as they arrive (a projection): (name, weight, bias) → the same.
+LayerTransform = Callable[[str, torch.Tensor, torch.Tensor | None], tuple[torch.Tensor, torch.Tensor | None]]
+
+DEFAULT_DRAWS = 250  # K = K' = 250 draws per gradient, as the paper's CIFAR runs
 
 
-@dataclass(frozen=True)
-class GradientPlan:
-    """What an example's gradient averages: `1/K Σ_k objective(draw_k)` over `num_draws` draws, seeded by
-    (seed, stream, example id) and run `batch_size` draws per pass, so nothing depends on batch_size.
-
-    `augment` applies the task's training augmentation; `timestep` fixes t instead of drawing it."""
-
-    objective: Objective
-    num_draws: int
-    seed: int
-    stream: str
-    batch_size: int
-    augment: bool = False
-    timestep: int | None = None
-
-    @classmethod
-    def training(cls, num_draws: int, seed: int, batch_size: int) -> GradientPlan:
-        """The training loss with the training augmentation: the side stored in indices."""
-        return cls(Loss(), num_draws, seed, "train", batch_size, augment=True)
-
-    @classmethod
-    def query(cls, measurement: Measurement, num_draws: int, seed: int, batch_size: int) -> GradientPlan:
-        """A measurement of a generated sample, never augmented."""
-        return cls(measurement, num_draws, seed, "query", batch_size, timestep=measurement.timestep)
+def gradient_dtype(task: DiffusionTask) -> torch.dtype:
+    """fp64 for an fp64 model, else fp32: gradients are never accumulated in half precision."""
+    return torch.float64 if task.dtype == torch.float64 else torch.float32
 
 
 def for_each_example_gradient(
@@ -62,16 +42,15 @@ def for_each_example_gradient(
     layers: dict[str, nn.Module],
     samples: Examples | torch.Tensor,
     ids: Sequence[Any],
-    plan: GradientPlan,
+    plan: DrawPlan,
     consume: GradientConsumer,
     dtype: torch.dtype = torch.float32,
 ) -> None:
-    """Hand `consume` each layer's per-example gradients under `plan`, pass by pass.
+    """Hand `consume` each layer's per-example gradients of `plan.objective`, pass by pass.
 
     `samples` are `Examples` (from `task.examples`, or a training batch, with their conditioning) or, for an
     unconditional pipeline, a tensor of clean samples in the denoiser's space. When an example's draws do not
-    fit in one pass, `consume` receives its gradient in parts that sum to the whole. The denoiser runs in eval
-    mode (see `DiffusionTask.eval_mode`).
+    fit in one pass, `consume` receives its gradient in parts that sum to the whole.
     """
     examples = slice(0, 0)
 
@@ -81,22 +60,14 @@ def for_each_example_gradient(
         bias = kind.output_gradients(module, grad).to(dtype).reshape(count, -1, weight.shape[1]).sum(dim=1)
         consume(name, examples, weight, bias if module.bias is not None else None)
 
-    with task.eval_mode(), torch.enable_grad(), LayerCapture(layers, on_backward=on_backward) as capture:
-        for examples, draw_rows in draw_chunks(len(ids), plan.num_draws, plan.batch_size):
-            output, _ = task.run(
-                samples[examples],
-                ids[examples],
-                plan.num_draws,
-                draw_rows,
-                plan.seed,
-                plan.stream,
-                plan.augment,
-                plan.timestep,
-            )
-            values = plan.objective(task, output)
-            if not torch.isfinite(values).all():
-                raise FloatingPointError(f"The objective is NaN or infinite for examples {list(ids[examples])}.")
-            capture.backward(values.sum() / plan.num_draws)
+    with LayerCapture(layers, on_backward=on_backward) as capture:
+
+        def backward(rows: slice, output: Any, draws: Any) -> None:
+            nonlocal examples
+            examples = rows
+            capture.backward(plan.values(task, output, ids[rows]).sum() / plan.draws_per_example)
+
+        run_draws(task, samples, ids, plan, backward)
 
 
 def per_example_gradients(
@@ -104,28 +75,19 @@ def per_example_gradients(
     layers: dict[str, nn.Module],
     samples: Examples | torch.Tensor,
     ids: Sequence[Any],
-    plan: GradientPlan,
+    plan: DrawPlan,
     dtype: torch.dtype | None = None,
-    projections: Projections | None = None,
+    transform: LayerTransform | None = None,
 ) -> LayerGradients:
-    """Each example's gradient under `plan`, for every layer in `layers` (projected as
-    `P_outᵀ ∇W P_in`, bias as `P_outᵀ ∇b`, for the layers in `projections`).
-
-    Gradients are accumulated in `dtype` (default: fp64 for an fp64 model, else fp32).
-    """
-    dtype = dtype or _gradient_dtype(task)
-    projections = {
-        name: (out.to(task.device, dtype), inp.to(task.device, dtype))
-        for name, (out, inp) in (projections or {}).items()
-    }
+    """Each example's gradient under `plan`, for every layer in `layers`, accumulated in `dtype` (default
+    `gradient_dtype`); `transform` (a linear map, e.g. a projection) is applied to each part as it arrives."""
+    dtype = dtype or gradient_dtype(task)
     weights: dict[str, torch.Tensor] = {}
     biases: dict[str, torch.Tensor] = {}
 
     def accumulate(name: str, examples: slice, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
-        if name in projections:
-            project_out, project_in = projections[name]
-            weight = project_out.T @ weight @ project_in
-            bias = None if bias is None else bias @ project_out
+        if transform is not None:
+            weight, bias = transform(name, weight, bias)
         if name not in weights:
             weights[name] = weight.new_zeros(len(ids), *weight.shape[1:])
             if bias is not None:
@@ -143,13 +105,13 @@ def per_example_scores(
     layers: dict[str, nn.Module],
     samples: Examples | torch.Tensor,
     ids: Sequence[Any],
-    plan: GradientPlan,
+    plan: DrawPlan,
     queries: LayerGradients,
 ) -> torch.Tensor:
     """`[Q, len(ids)]` inner products of `queries` with each example's gradient under `plan`, layer by
     layer as the gradients arrive: no example's full gradient is ever held in memory."""
     num_queries = len(next(iter(queries.values()))[0])
-    scores = torch.zeros(num_queries, len(ids), dtype=_gradient_dtype(task), device=task.device)
+    scores = torch.zeros(num_queries, len(ids), dtype=gradient_dtype(task), device=task.device)
 
     def score(name: str, examples: slice, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
         query_weight, query_bias = queries[name]
@@ -162,5 +124,20 @@ def per_example_scores(
     return scores
 
 
-def _gradient_dtype(task: DiffusionTask) -> torch.dtype:
-    return torch.float64 if task.dtype == torch.float64 else torch.float32
+def query_gradients(
+    task: DiffusionTask,
+    layers: dict[str, nn.Module],
+    queries: Any,
+    measurement: str | Measurement = "loss",
+    draws_per_query: int = DEFAULT_DRAWS,
+    seed: int = 0,
+    batch_size: int = 64,
+    labels: Sequence[Any] | None = None,
+    prompts: Sequence[str] | None = None,
+) -> LayerGradients:
+    """Gradients of the measurement of each query (no augmentation; query `i` has id `i`). `queries` are images
+    (conditioned on their class `labels` or `prompts` as they were generated) or `Examples` already encoded."""
+    measurement = get_measurement(measurement)
+    samples = queries if isinstance(queries, Examples) else task.examples(queries, labels=labels, prompts=prompts)
+    plan = DrawPlan.query(measurement, draws_per_query, seed, batch_size)
+    return per_example_gradients(task, layers, samples, list(range(len(samples))), plan)

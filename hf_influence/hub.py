@@ -24,6 +24,8 @@ from huggingface_hub.errors import (
 )
 from huggingface_hub.utils import validate_repo_id
 
+from .provenance import ModelSource
+
 CACHE_SNAPSHOTS = "snapshots"  # huggingface_hub caches each commit under snapshots/<commit>/
 
 
@@ -138,13 +140,13 @@ def open_repo(
 
 def download_pipeline(
     path_or_repo_id: str | os.PathLike, revision: str | None = None, token: str | bool | None = None
-) -> tuple[str, dict[str, Any]]:
-    """A diffusers pipeline's local folder and its source `{repo_id, revision}`: a Hub repo is
-    downloaded (or read from the cache) and its revision resolved to the commit it was read at."""
+) -> tuple[str, ModelSource]:
+    """A diffusers pipeline's local folder and where it came from: a Hub repo is downloaded (or read from the
+    cache) and its revision resolved to the commit it was read at."""
     from huggingface_hub import snapshot_download
 
     if Path(path_or_repo_id).is_dir():
-        return str(path_or_repo_id), {"repo_id": str(path_or_repo_id), "revision": None}
+        return str(path_or_repo_id), ModelSource(str(path_or_repo_id), None)
     try:
         folder = snapshot_download(str(path_or_repo_id), revision=revision, token=token, library_name="hf_influence")
     except RepositoryNotFoundError as error:
@@ -154,7 +156,7 @@ def download_pipeline(
         ) from error
     except RevisionNotFoundError as error:
         raise FileNotFoundError(f"The pipeline repo {path_or_repo_id!r} has no revision {revision!r}.") from error
-    return folder, {"repo_id": str(path_or_repo_id), "revision": _cached_commit(Path(folder))}
+    return folder, ModelSource(str(path_or_repo_id), _cached_commit(Path(folder)))
 
 
 def _cached_commit(path: Path) -> str | None:

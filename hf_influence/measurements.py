@@ -12,22 +12,41 @@ For a flow-matching pipeline the same definitions hold with the flow's own loss:
 
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Hashable
 from typing import TYPE_CHECKING
 
 import torch
+
+from .validation import check_int
 
 if TYPE_CHECKING:
     from .task import DenoiserOutput, DiffusionTask
 
 
 class Measurement:
-    """Base class: the per-draw value, and optionally a fixed timestep instead of t ~ U{0..T-1}."""
+    """Base class: the per-draw value, and optionally a fixed timestep instead of t ~ U{0..T-1}.
+
+    `cache_key()` says when two measurements are the same, so that their gradients may be reused (the
+    `Attributor`'s query cache, the ground truth's measurement cache). A measurement without a key (the default)
+    is never cached. Keys are not inherited: a subclass of a built-in measurement is not cached unless it
+    defines its own `cache_key` — it may compute something else under the same parameters.
+    """
 
     name: str = "measurement"
     timestep: int | None = None
 
+    def __init_subclass__(cls, **kwargs: object) -> None:
+        super().__init_subclass__(**kwargs)
+        if "cache_key" not in cls.__dict__:
+            cls.cache_key = Measurement.cache_key
+
     def __call__(self, task: DiffusionTask, output: DenoiserOutput) -> torch.Tensor:
         raise NotImplementedError
+
+    def cache_key(self) -> Hashable | None:
+        """A value equal for measurements that compute the same thing, or None: not cached."""
+        return None
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
@@ -41,6 +60,9 @@ class Loss(Measurement):
     def __call__(self, task: DiffusionTask, output: DenoiserOutput) -> torch.Tensor:
         return output.loss_per_draw()
 
+    def cache_key(self) -> Hashable:
+        return self.name
+
 
 class WeightedLoss(Measurement):
     """`w_t · loss`, with `weights` a tensor of length `num_train_timesteps`."""
@@ -48,7 +70,15 @@ class WeightedLoss(Measurement):
     name = "weighted_loss"
 
     def __init__(self, weights: torch.Tensor) -> None:
-        self.weights = torch.as_tensor(weights, dtype=torch.float64)
+        self.weights = torch.as_tensor(weights, dtype=torch.float64).detach().cpu().clone()
+        if self.weights.dim() != 1 or not torch.isfinite(self.weights).all():
+            raise ValueError("WeightedLoss weights must be a finite 1-D tensor, one weight per training timestep.")
+
+    def cache_key(self) -> Hashable:
+        return self.name, hashlib.blake2b(self.weights.numpy().tobytes(), digest_size=16).hexdigest()
+
+    def __repr__(self) -> str:
+        return f"WeightedLoss({len(self.weights)} weights, key {self.cache_key()[1][:8]})"
 
     def __call__(self, task: DiffusionTask, output: DenoiserOutput) -> torch.Tensor:
         if len(self.weights) != task.num_train_timesteps:
@@ -72,6 +102,9 @@ class SimplifiedELBO(Measurement):
         weight = task.schedule.simplified_elbo_weights().to(t.device)[t]
         return weight.to(output.prediction.dtype) * output.loss_per_draw()
 
+    def cache_key(self) -> Hashable:
+        return self.name
+
 
 class SquareNorm(Measurement):
     """D-TRAK's output function: `mean(pred²)`."""
@@ -81,6 +114,9 @@ class SquareNorm(Measurement):
     def __call__(self, task: DiffusionTask, output: DenoiserOutput) -> torch.Tensor:
         return output.prediction.pow(2).flatten(1).mean(dim=1)
 
+    def cache_key(self) -> Hashable:
+        return self.name
+
 
 class LossAtTime(Loss):
     """The training loss at one fixed timestep (an ablation)."""
@@ -88,7 +124,10 @@ class LossAtTime(Loss):
     name = "loss_at_time"
 
     def __init__(self, timestep: int) -> None:
-        self.timestep = int(timestep)
+        self.timestep = check_int("LossAtTime's timestep", timestep, minimum=0)
+
+    def cache_key(self) -> Hashable:
+        return self.name, self.timestep
 
     def __repr__(self) -> str:
         return f"LossAtTime({self.timestep})"

@@ -7,14 +7,40 @@ a loader can say exactly what differs when it refuses a mismatch.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:
-    from .task import DiffusionTask
+from dataclasses import dataclass, fields
+from typing import Any
 
 
-@dataclass
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a pipeline was read from: a Hub `repo_id` (or a local path) and the commit it was read at."""
+
+    repo_id: str | None = None
+    revision: str | None = None
+
+
+@dataclass(frozen=True)
+class ModelProvenance:
+    """The model a run was computed on: its source, the denoiser's class and a hash of its weights."""
+
+    repo_id: str | None
+    revision: str | None
+    denoiser: str
+    fingerprint: str
+
+    def mismatch(self, other: ModelProvenance) -> str:
+        """A sentence naming the fields that differ (where both sides know them), for refusals."""
+        differences = [
+            f"{item.name} {getattr(self, item.name)!r} vs {getattr(other, item.name)!r}"
+            for item in fields(self)
+            if getattr(self, item.name) is not None
+            and getattr(other, item.name) is not None
+            and getattr(self, item.name) != getattr(other, item.name)
+        ]
+        return "; ".join(differences)
+
+
+@dataclass(frozen=True)
 class DatasetSource:
     """The training set a run read: `repo_id` (a Hub id or a local path), the resolved `revision`
     (a commit, when known), the `split` and the `id_column`."""
@@ -31,33 +57,9 @@ class DatasetSource:
         split = getattr(dataset, "split", None)
         return cls(getattr(info, "dataset_name", None), None, None if split is None else str(split), id_column)
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
-
-def model_provenance(task: DiffusionTask) -> dict[str, Any]:
-    """`{repo_id, revision, denoiser, fingerprint}` of the task's pipeline (repo/revision None when unknown)."""
-    source = getattr(task, "source", None) or {}
-    return {
-        "repo_id": source.get("repo_id"),
-        "revision": source.get("revision"),
-        "denoiser": type(task.denoiser).__name__,
-        "fingerprint": task.fingerprint(),
-    }
-
-
-def dataset_provenance(dataset: Any, id_column: str, source: DatasetSource | None = None) -> dict[str, Any]:
+def dataset_provenance(dataset: Any, id_column: str, source: DatasetSource | None = None) -> DatasetSource:
     """The given source (the CLI knows the repo and commit it loaded), else what the dataset records."""
     if source is None:
-        source = DatasetSource.describe(dataset, id_column)
-    return {**source.to_dict(), "id_column": id_column}
-
-
-def describe_mismatch(recorded: dict[str, Any], actual: dict[str, Any]) -> str:
-    """A sentence naming the fields of two model provenances that differ (for refusals)."""
-    differences = [
-        f"{key} {recorded.get(key)!r} vs {actual.get(key)!r}"
-        for key in ("repo_id", "revision", "denoiser", "fingerprint")
-        if recorded.get(key) is not None and actual.get(key) is not None and recorded.get(key) != actual.get(key)
-    ]
-    return "; ".join(differences)
+        return DatasetSource.describe(dataset, id_column)
+    return DatasetSource(source.repo_id, source.revision, source.split, id_column)

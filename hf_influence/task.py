@@ -16,88 +16,22 @@ from __future__ import annotations
 import contextlib
 import hashlib
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import PIL.Image
 import torch
 from torch import nn
 
 from .conditioning import Conditioning, pipeline_conditioning
+from .draws import Draws, sample_draws
+from .examples import Examples, images_to_tensor
 from .latents import LatentEncoder, check_vae
 from .noise_schedules import PREDICTION_TYPES, NoiseSchedule, noise_schedule
+from .pipeline_checks import pipeline_denoiser
+from .provenance import ModelProvenance, ModelSource
 
-__all__ = ["PREDICTION_TYPES", "DenoiserOutput", "DiffusionTask", "Draws", "Examples", "example_generator"]
-
-SUPPORTED_DENOISERS = (
-    "UNet2DModel",
-    "UNet2DConditionModel",
-    "DiTTransformer2DModel",
-    "Transformer2DModel",
-    "SD3Transformer2DModel",
-)
-# Pipeline components the task reads, or may ignore because training never uses them.
-KNOWN_COMPONENTS = {
-    "unet",
-    "transformer",
-    "scheduler",
-    "vae",
-    "vqvae",
-    *(f"{kind}{suffix}" for kind in ("text_encoder", "tokenizer") for suffix in ("", "_2", "_3")),
-    "safety_checker",
-    "feature_extractor",
-    "image_encoder",
-}
-
-
-@dataclass
-class Draws:
-    """One row per draw: the timestep index, the noise, the horizontal flip, the GGN^model probe `ξ`, and for
-    the pipeline kinds that need them the VAE posterior noise `η` and the conditioning-dropout mask."""
-
-    timesteps: torch.Tensor  # (S,) long, indices into the noise schedule
-    noise: torch.Tensor  # (S, C, H, W)
-    flip: torch.Tensor  # (S,) bool
-    probe: torch.Tensor  # (S, C, H, W), ξ ~ N(0, I) for the Monte-Carlo Fisher
-    latent_noise: torch.Tensor | None = None  # (S, C, H, W), η for z = μ + σ η (AutoencoderKL only)
-    drop: torch.Tensor | None = None  # (S,) bool: the draw sees the null conditioning (CFG training)
-
-    def __len__(self) -> int:
-        return len(self.timesteps)
-
-    def rows(self, index: slice) -> Draws:
-        return Draws(**{f.name: _rows(getattr(self, f.name), index) for f in fields(self)})
-
-
-@dataclass
-class Examples:
-    """A batch of examples (training images or queries) in the denoiser's space: what each draw starts from.
-
-    `clean[:, 0]` is the clean sample `x0` — the image in [-1, 1], or its scaled VAE latent (the posterior
-    mean for an `AutoencoderKL`) — and `clean[:, 1]`, present when the examples may be flipped, the same for
-    the mirror image (the latent of a mirrored image is not the mirrored latent). `std` is the scaled
-    posterior standard deviation (a draw adds `std · η`), None when the encoding is deterministic.
-    `conditioning` holds the denoiser's keyword inputs, one row per example (class labels, text states).
-    """
-
-    clean: torch.Tensor  # (B, V, C, H, W), V = 1 or 2 views
-    std: torch.Tensor | None = None  # (B, V, C, H, W)
-    conditioning: dict[str, torch.Tensor] = field(default_factory=dict)
-
-    def __len__(self) -> int:
-        return len(self.clean)
-
-    def __getitem__(self, rows: slice) -> Examples:
-        return Examples(
-            self.clean[rows],
-            _rows(self.std, rows),
-            {name: value[rows] for name, value in self.conditioning.items()},
-        )
-
-
-def _rows(value: torch.Tensor | None, index: slice) -> torch.Tensor | None:
-    return None if value is None else value[index]
+__all__ = ["PREDICTION_TYPES", "DenoiserOutput", "DiffusionTask", "Draws", "Examples"]
 
 
 @dataclass
@@ -111,16 +45,6 @@ class DenoiserOutput:
     def loss_per_draw(self) -> torch.Tensor:
         """`F.mse_loss(pred, target)` of each draw: the mean over the elements of one sample."""
         return (self.prediction - self.target).pow(2).flatten(1).mean(dim=1)
-
-
-def example_generator(seed: int, stream: str, example_id: Any) -> torch.Generator:
-    """A CPU generator that depends only on (seed, stream, example id).
-
-    Seeding by id (not by position in a batch or a rank's shard) makes every draw reproducible
-    whatever the batch size, the order of the data or the number of processes.
-    """
-    digest = hashlib.blake2b(f"{seed}/{stream}/{example_id}".encode(), digest_size=8).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest, "little") & ((1 << 63) - 1))
 
 
 class DiffusionTask:
@@ -148,6 +72,7 @@ class DiffusionTask:
         vae: nn.Module | None = None,
         conditioning: Conditioning | None = None,
         condition_dropout: float = 0.0,
+        source: ModelSource | None = None,
     ) -> None:
         config = getattr(denoiser, "config", None)
         if config is None or not hasattr(config, "sample_size") or not hasattr(config, "in_channels"):
@@ -155,6 +80,12 @@ class DiffusionTask:
                 f"{type(denoiser).__name__} is not a supported denoiser: expected a diffusers model "
                 "with config.sample_size and config.in_channels (e.g. UNet2DModel)."
             )
+        if not isinstance(image_column, str):
+            raise TypeError(f"image_column must be a column name (a str), got {image_column!r}.")
+        if not isinstance(random_flip, bool):
+            raise TypeError(f"random_flip must be True or False, got {random_flip!r}.")
+        if isinstance(condition_dropout, bool) or not isinstance(condition_dropout, (int, float)):
+            raise TypeError(f"condition_dropout must be a number in [0, 1), got {condition_dropout!r}.")
         if not 0.0 <= condition_dropout < 1.0:
             raise ValueError(f"condition_dropout must be in [0, 1), got {condition_dropout}.")
         if condition_dropout > 0 and conditioning is None:
@@ -167,7 +98,8 @@ class DiffusionTask:
         self.random_flip = random_flip
         self.latents = None if vae is None else LatentEncoder(vae)
         self.conditioning = conditioning
-        self.condition_dropout = condition_dropout
+        self.condition_dropout = float(condition_dropout)
+        self.source = source or ModelSource()
         self.prediction_type: str = self.schedule.prediction_type
         self.num_train_timesteps: int = self.schedule.num_train_timesteps
         size = config.sample_size
@@ -183,9 +115,7 @@ class DiffusionTask:
         self._null_conditioning: dict[str, torch.Tensor] | None = None
         if condition_dropout > 0:
             self._null_conditioning = conditioning.null()  # fail early when there is no null input
-        self._fingerprint: str | None = None
-        # Where the pipeline came from ({repo_id, revision}); from_pretrained fills in the commit.
-        self.source: dict[str, Any] = {"repo_id": None, "revision": None}
+        self._fingerprint: tuple[Any, str] | None = None  # (the weights' version key, their hash)
 
     # ------------------------------------------------------------------ construction
 
@@ -198,26 +128,16 @@ class DiffusionTask:
         caption_column: str | None = None,
         random_flip: bool = False,
         condition_dropout: float = 0.0,
+        source: ModelSource | None = None,
     ) -> DiffusionTask:
         """Build the task from a loaded diffusers pipeline: its `unet` or `transformer`, its `scheduler`, its
         `vae`/`vqvae` (latent pipelines), and the class labels of `label_column` (DiT) or the captions of
-        `caption_column` (Stable Diffusion, encoded by the pipeline's frozen text encoders).
+        `caption_column` (Stable Diffusion, encoded by the pipeline's frozen text encoders). `source` says
+        where the pipeline was read from (recorded in the factors' provenance).
 
         A component this library cannot handle gets an error naming it.
         """
-        components = {name: value for name, value in getattr(pipeline, "components", {}).items() if value is not None}
-        pipeline_name = type(pipeline).__name__
-        denoiser_name = "unet" if "unet" in components else "transformer"
-        denoiser = components.get(denoiser_name)
-        if denoiser is None:
-            raise TypeError(
-                f"{pipeline_name} has no `unet` or `transformer` component; its components are {sorted(components)}."
-            )
-        _check_denoiser(denoiser, denoiser_name)
-        unknown = sorted(set(components) - KNOWN_COMPONENTS)
-        if unknown:
-            described = ", ".join(f"{name!r} ({type(components[name]).__name__})" for name in unknown)
-            raise TypeError(f"{pipeline_name} has components this library does not support: {described}.")
+        _, denoiser, components = pipeline_denoiser(pipeline)
         vae_name = next((name for name in ("vae", "vqvae") if name in components), None)
         if vae_name is not None:
             check_vae(components[vae_name], vae_name)
@@ -229,6 +149,7 @@ class DiffusionTask:
             vae=None if vae_name is None else components[vae_name],
             conditioning=pipeline_conditioning(pipeline, denoiser, label_column, caption_column),
             condition_dropout=condition_dropout,
+            source=source,
         )
 
     @classmethod
@@ -249,9 +170,8 @@ class DiffusionTask:
         from .hub import download_pipeline
 
         folder, source = download_pipeline(repo_or_dir, revision)
-        task = cls.from_pipeline(DiffusionPipeline.from_pretrained(folder, **(pipeline_kwargs or {})), **kwargs)
-        task.source = source
-        return task
+        pipeline = DiffusionPipeline.from_pretrained(folder, **(pipeline_kwargs or {}))
+        return cls.from_pipeline(pipeline, source=source, **kwargs)
 
     # ------------------------------------------------------------------ properties
 
@@ -302,63 +222,34 @@ class DiffusionTask:
 
     def fingerprint(self) -> str:
         """A hash of the denoiser's parameter names, shapes and values (LoRA adapters included): factors and
-        indices record it so they are never silently used with another model."""
-        if self._fingerprint is None:
+        indices record it so they are never silently used with another model.
+
+        The hash is kept while the weights stay as they are: it is recomputed when a parameter is added or
+        replaced (a LoRA loaded), changed in place (an optimiser step, `load_state_dict`) or its values differ
+        where a cheap sample of each tensor looks (edits through `.data`, which autograd does not count)."""
+        key = _weights_key(self.denoiser)
+        if self._fingerprint is None or self._fingerprint[0] != key:
             digest = hashlib.blake2b(digest_size=16)
             for name, param in self.denoiser.state_dict().items():
                 value = param.detach().to("cpu", torch.float32).contiguous()
                 digest.update(f"{name}:{tuple(value.shape)};".encode())
                 digest.update(value.numpy().tobytes())
-            self._fingerprint = digest.hexdigest()
-        return self._fingerprint
+            self._fingerprint = (key, digest.hexdigest())
+        return self._fingerprint[1]
+
+    def provenance(self) -> ModelProvenance:
+        """The model as factors and indices record it: where it came from, its class and its fingerprint."""
+        return ModelProvenance(
+            self.source.repo_id, self.source.revision, type(self.denoiser).__name__, self.fingerprint()
+        )
 
     # ------------------------------------------------------------------ data
 
     def preprocess(self, images: Any) -> torch.Tensor:
-        """Images (PIL, arrays `HW`/`HWC` in [0, 255] or [0, 1], or tensors `CHW`/`BCHW` already in
-        [-1, 1]) → a float tensor `(B, C, H, W)` in [-1, 1] at the pipeline's image size (the denoiser's,
-        or its VAE's input for a latent pipeline).
-
-        PIL images are converted to the model's mode ("L" or "RGB"), as diffusers' training
-        scripts do; arrays and tensors must already have the right channels and size.
-        """
-        if isinstance(images, torch.Tensor) and images.dim() == 4:
-            batch = images
-        else:
-            if isinstance(images, (PIL.Image.Image, np.ndarray, torch.Tensor)):
-                images = [images]
-            if len(images) == 0:
-                raise ValueError("No images were given.")
-            batch = torch.stack([self._image_to_tensor(image) for image in images])
-        if batch.shape[1:] != self.image_shape:
-            what = "the VAE" if self.latents is not None else "the denoiser"
-            raise ValueError(
-                f"Images have shape (C, H, W) = {tuple(batch.shape[1:])}, but {what} expects "
-                f"{self.image_shape} (channels, height, width). Resize or convert the images first."
-            )
-        if not torch.isfinite(batch).all():
-            raise ValueError("Images contain NaN or infinite values.")
-        return batch.to(torch.float32)
-
-    def _image_to_tensor(self, image: Any) -> torch.Tensor:
-        if isinstance(image, PIL.Image.Image):
-            image = np.asarray(image.convert("L" if self.image_shape[0] == 1 else "RGB"))
-        if isinstance(image, list):  # datasets' Array2D/Array3D columns come as nested lists
-            image = np.asarray(image)
-        if isinstance(image, torch.Tensor):
-            if image.dim() != 3:
-                raise ValueError(f"An image tensor must be (C, H, W) in [-1, 1]; got shape {tuple(image.shape)}.")
-            return image.to(torch.float32)
-        if not isinstance(image, np.ndarray):
-            raise TypeError(f"Unsupported image type {type(image).__name__}: pass PIL images, arrays or tensors.")
-        array = np.asarray(image)
-        if array.ndim == 2:
-            array = array[:, :, None]
-        if array.ndim != 3:
-            raise ValueError(f"An image array must be (H, W) or (H, W, C); got shape {array.shape}.")
-        scale = 255.0 if array.dtype == np.uint8 or array.max(initial=0) > 1.0 else 1.0
-        tensor = torch.from_numpy(array.astype(np.float32) / scale).permute(2, 0, 1)
-        return tensor * 2.0 - 1.0
+        """Images → a float tensor `(B, C, H, W)` in [-1, 1] at the pipeline's image size (the denoiser's, or its
+        VAE's input for a latent pipeline). The value range follows the dtype (`examples.py`): integers and PIL
+        images are [0, 255], floats must already be in [-1, 1]; PIL images are converted to the model's mode."""
+        return images_to_tensor(images, self.image_shape, "the denoiser" if self.latents is None else "the VAE")
 
     def examples(
         self,
@@ -373,7 +264,7 @@ class DiffusionTask:
         `augment` also encodes the mirror images, for draws with the training flips (training rows).
         """
         pixels = self.preprocess(images)
-        conditions = self._conditions(labels, prompts, len(pixels))
+        conditions = self.query_conditions(labels, prompts, len(pixels))
         return self.encode(pixels, conditions, augment)
 
     def examples_from_rows(self, rows: Sequence[dict[str, Any]]) -> Examples:
@@ -415,8 +306,11 @@ class DiffusionTask:
             clean.to(self.device, loss_dtype), None if std is None else std.to(self.device, loss_dtype), inputs
         )
 
-    def _conditions(self, labels: Sequence[Any] | None, prompts: Sequence[str] | None, count: int) -> list | None:
-        """The query-side conditioning: `labels` for a class-conditional task, `prompts` for a text one."""
+    def query_conditions(
+        self, labels: Sequence[Any] | None, prompts: Sequence[str] | None, count: int
+    ) -> list[Any] | None:
+        """The query-side conditioning of `count` queries: `labels` for a class-conditional task, `prompts` for a
+        text one (one value is used for every query), None for an unconditional one."""
         given = {"labels": labels, "prompts": prompts}
         wanted = None if self.conditioning is None else self.conditioning.kind
         for kind, values in given.items():
@@ -428,9 +322,11 @@ class DiffusionTask:
         values = given[wanted]
         if values is None:
             raise ValueError(f"This pipeline is conditioned on {wanted}: pass {wanted}=[...] (one per image).")
-        values = [values] if isinstance(values, (str, int)) else list(values)
+        values = [values] if isinstance(values, (str, int, np.integer)) else list(values)
+        if len(values) == 1:
+            values = values * count
         if len(values) != count:
-            raise ValueError(f"{len(values)} {wanted} were given for {count} images.")
+            raise ValueError(f"{len(values)} {wanted} were given for {count} images: give one, or one per image.")
         return values
 
     def as_examples(self, samples: Examples | torch.Tensor) -> Examples:
@@ -462,30 +358,8 @@ class DiffusionTask:
         augment: bool = False,
         timestep: int | None = None,
     ) -> Draws:
-        """`num_draws` independent draws for each example, rows ordered example-major.
-
-        `stream` names the purpose ("fit", "correction", "train", "query", ...) so that different
-        stages never reuse draws. `timestep` fixes the timestep index instead of drawing it uniformly.
-        `augment` applies the training augmentation: flips and conditioning dropout.
-        """
-        if timestep is not None and not 0 <= timestep < self.num_train_timesteps:
-            raise ValueError(f"timestep must be in [0, {self.num_train_timesteps}), got {timestep}.")
-        columns: dict[str, list[torch.Tensor]] = {f.name: [] for f in fields(Draws)}
-        for example_id in example_ids:
-            generator = example_generator(seed, stream, example_id)
-            t = torch.randint(0, self.num_train_timesteps, (num_draws,), generator=generator)
-            columns["timesteps"].append(torch.full_like(t, timestep) if timestep is not None else t)
-            columns["noise"].append(torch.randn((num_draws, *self.sample_shape), generator=generator))
-            flip = torch.rand(num_draws, generator=generator) < 0.5
-            columns["flip"].append(flip if augment and self.random_flip else torch.zeros_like(flip))
-            columns["probe"].append(torch.randn((num_draws, *self.sample_shape), generator=generator))
-            # Later additions draw after the original four, so pixel pipelines keep their draws.
-            if self.latents is not None and self.latents.stochastic:
-                columns["latent_noise"].append(torch.randn((num_draws, *self.sample_shape), generator=generator))
-            if self.condition_dropout > 0:
-                drop = torch.rand(num_draws, generator=generator) < self.condition_dropout
-                columns["drop"].append(drop if augment else torch.zeros_like(drop))
-        return Draws(**{name: torch.cat(values) if values else None for name, values in columns.items()})
+        """`num_draws` independent draws for each example, rows ordered example-major (see `draws.py`)."""
+        return sample_draws(self, example_ids, num_draws, seed, stream, augment, timestep)
 
     def run(
         self,
@@ -515,10 +389,6 @@ class DiffusionTask:
     def target(self, clean: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         """The denoiser's training target (ε, v or x0 per `prediction_type`; `ε − x0` for flow matching)."""
         return self.schedule.target(clean, noise, timesteps)
-
-    def epsilon_mse_factor(self, timesteps: torch.Tensor) -> torch.Tensor:
-        """c_t with ‖ε̂ − ε‖² = c_t ‖pred − target‖²: converts the training loss to ε-space (for the ELBO)."""
-        return self.schedule.epsilon_mse_factor(timesteps)
 
     def noisy_inputs(
         self, samples: Examples | torch.Tensor, draws: Draws, repeats: int
@@ -575,33 +445,13 @@ class DiffusionTask:
         return torch.float64 if self.dtype == torch.float64 else torch.float32
 
 
-# ---------------------------------------------------------------------------- pipeline checks
-
-
-def _check_denoiser(denoiser: nn.Module, component: str) -> None:
-    """Refuse denoisers whose inputs this library does not build, naming the component and what it needs."""
-    name = type(denoiser).__name__
-    kinds = {cls.__name__ for cls in type(denoiser).__mro__}
-    if not kinds & set(SUPPORTED_DENOISERS):
-        raise TypeError(
-            f"The pipeline's {component!r} component ({name}) is not a supported denoiser: "
-            f"supported are {', '.join(SUPPORTED_DENOISERS)}."
-        )
-    config = denoiser.config
-    extras = {
-        key: config.get(key)
-        for key in ("class_embed_type", "addition_embed_type", "encoder_hid_dim_type")
-        if config.get(key) is not None
-    }
-    if extras:
-        described = ", ".join(f"{key}={value!r}" for key, value in extras.items())
-        raise TypeError(
-            f"The pipeline's {component!r} component ({name}) takes extra conditioning ({described}, as e.g. "
-            "SDXL's added time ids) that this library does not build."
-        )
-    is_dit = config.get("norm_type") == "ada_norm_zero" and config.get("num_embeds_ada_norm") is not None
-    if "Transformer2DModel" in kinds and "DiTTransformer2DModel" not in kinds and not is_dit:
-        raise TypeError(
-            f"The pipeline's {component!r} component ({name}, norm_type={config.get('norm_type')!r}) is not a "
-            "class-conditional DiT; only DiT-style Transformer2DModels are supported."
-        )
+def _weights_key(model: nn.Module) -> tuple:
+    """What changes when the weights change, cheaply: each tensor's name, storage, autograd version and a
+    sample of at most 16 of its values."""
+    tensors = model.state_dict(keep_vars=True)
+    samples = [
+        value.detach().flatten()[:: max(1, value.numel() // 16)][:16].to(torch.float32) for value in tensors.values()
+    ]
+    values = torch.cat(samples).cpu().numpy().tobytes() if samples else b""
+    layout = tuple((name, value.data_ptr(), value._version, tuple(value.shape)) for name, value in tensors.items())
+    return layout, values

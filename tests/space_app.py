@@ -29,7 +29,7 @@ def build_artifacts(root: Path) -> dict[str, str]:
     digits.save_to_disk(paths["digits"])
     task = hfi.DiffusionTask.from_pipeline(pipeline)
     hfi.fit_factors(task, digits, hfi.FactorConfig(draws_per_example=2)).save_pretrained(paths["factors"])
-    hfi.build_index(task, digits, hfi.IndexConfig(num_draws=2, shard_size=20), output_dir=paths["index"])
+    hfi.build_index(task, digits, hfi.IndexConfig(draws_per_example=2, shard_size=20), output_dir=paths["index"])
     return paths
 
 

@@ -90,7 +90,12 @@ def test_trak_and_d_trak_match_a_dense_computation(objective):
     train = as_dataset(images(9, 0))
     queries = images(3, 1)
     config = TRAKConfig(
-        output_function=objective, projection_dim=5, num_draws=DRAWS, seed=SEED, damping=0.1, examples_per_projection=4
+        output_function=objective,
+        projection_dim=5,
+        draws_per_example=DRAWS,
+        seed=SEED,
+        damping=0.1,
+        examples_per_projection=4,
     )
     trak = TRAK(task, train, config)
     projection = GaussianProjection(5, SEED)
@@ -124,7 +129,9 @@ def test_projection_is_deterministic_and_independent_of_grouping():
     task = toy()
     train = as_dataset(images(7, 0))
     features = [
-        TRAK(task, train, TRAKConfig(projection_dim=6, num_draws=DRAWS, examples_per_projection=group)).train_features
+        TRAK(
+            task, train, TRAKConfig(projection_dim=6, draws_per_example=DRAWS, examples_per_projection=group)
+        ).train_features
         for group in (2, 7)
     ]
     torch.testing.assert_close(features[0], features[1], rtol=1e-10, atol=1e-13)
@@ -134,7 +141,7 @@ def test_gradient_dot_matches_direct_dot_products():
     task = toy()
     train = as_dataset(images(5, 0))
     queries = images(2, 1)
-    scores = gradient_dot_scores(task, queries, train, num_query_draws=DRAWS, num_train_draws=DRAWS, seed=SEED)
+    scores = gradient_dot_scores(task, queries, train, draws_per_query=DRAWS, draws_per_example=DRAWS, seed=SEED)
     train_grads = torch.stack(
         [reference_gradient(task, s[None], i, "train", True, "loss") for i, s in enumerate(dataset_images(train, task))]
     )
@@ -152,9 +159,9 @@ def test_gradient_dot_is_the_large_damping_limit_of_influence(digits8):
     queries = task.preprocess([row["image"] for row in digits8.select(range(6, 8))])
     damping = 1e6
     influence = hfi.pairwise_scores(
-        task, factors, queries, train, damping=damping, num_query_draws=4, num_train_draws=4
+        task, factors, queries, train, damping=damping, draws_per_query=4, draws_per_example=4
     )
-    dot = gradient_dot_scores(task, queries, train, num_query_draws=4, num_train_draws=4)
+    dot = gradient_dot_scores(task, queries, train, draws_per_query=4, draws_per_example=4)
     torch.testing.assert_close(damping * influence, dot, rtol=2e-3, atol=1e-6 * dot.abs().max().item())
 
 

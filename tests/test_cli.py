@@ -59,10 +59,10 @@ def test_help_exits_cleanly() -> None:
 def test_factors_and_index_load(workspace: dict[str, Path]) -> None:
     task = hfi.DiffusionTask.from_pretrained(str(workspace["pipeline"]))
     factors = hfi.InfluenceFactors.from_pretrained(workspace["factors"], task=task)
-    assert factors.strategy == "ekfac" and factors.config["seed"] == 3
+    assert factors.strategy == "ekfac" and factors.config.seed == 3
     index = hfi.GradientIndex.from_pretrained(workspace["index"])
     assert len(index) == COUNT
-    assert index.config["num_draws"] == 2
+    assert index.config.draws_per_example == 2
 
 
 def test_attribute_matches_the_library(workspace: dict[str, Path], tmp_path: Path) -> None:
@@ -128,7 +128,7 @@ def test_accelerate_launch_two_processes(workspace: dict[str, Path], tmp_path: P
     )
     single = hfi.InfluenceFactors.from_pretrained(workspace["factors"])
     launched = hfi.InfluenceFactors.from_pretrained(tmp_path)
-    assert launched.config["num_draws"] == single.config["num_draws"] == COUNT
+    assert launched.metadata.total_draws == single.metadata.total_draws == COUNT
     covariances = [name for name in single.tensors if name.endswith("_covariance")]
     assert covariances
     for name in covariances:

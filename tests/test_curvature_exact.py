@@ -17,7 +17,6 @@ from torch import nn
 from torch.func import functional_call, grad, jacrev, vmap
 
 import hf_influence as hfi
-from hf_influence.curvature.inverse import precondition
 
 CHANNELS, SIZE = 2, 6
 D = CHANNELS * SIZE * SIZE  # elements of one denoiser output: the 1/D of the per-draw loss
@@ -137,7 +136,7 @@ def test_kfac_expand_exact_for_single_layer(kind: str, draws_per_example: int, b
         seed=3,
     )
     factors = hfi.fit_factors(task, rows, config)
-    assert factors.config["num_draws"] == len(rows) * draws_per_example
+    assert factors.metadata.total_draws == len(rows) * draws_per_example
 
     x, draws = fit_inputs(task, rows, config, "fit")
     assert draws.flip.any() and not draws.flip.all()  # augmentation is part of what is reproduced
@@ -145,7 +144,7 @@ def test_kfac_expand_exact_for_single_layer(kind: str, draws_per_example: int, b
     ggn_weight = exact_ggn(net, x, [weight])
     ggn_bias = exact_ggn(net, x, [bias])
 
-    tensors = factors.layer(layer)
+    tensors = factors.layer(layer).tensors()
     activation, gradient = tensors["activation_covariance"], tensors["gradient_covariance"]
     assert activation.dtype == gradient.dtype == torch.float64
     torch.testing.assert_close(torch.kron(gradient, activation), ggn_weight, rtol=1e-10, atol=1e-14)
@@ -186,7 +185,7 @@ def test_ekfac_eigenvalues_are_exact_ggn_diagonal_in_kfac_basis() -> None:
     x_fit, _ = fit_inputs(task, rows, config, "fit")
     assert not torch.allclose(x_correction, x_fit)  # the correction pass uses independent draws
     for layer in layers:
-        tensors = factors.layer(layer)
+        tensors = factors.layer(layer).tensors()
         weight, bias = param_names(layer)
         d_out, d_in = tensors["eigenvalues"].shape
         q = kronecker_basis(tensors)
@@ -216,7 +215,7 @@ def test_ekfac_eigenvalues_ggn_loss_are_empirical_fisher_diagonal() -> None:
     x, draws = fit_inputs(task, rows, config, "correction")
     target = draws.noise.to(torch.float64)  # epsilon prediction: the target is the noise
     for layer in layers:
-        tensors = factors.layer(layer)
+        tensors = factors.layer(layer).tensors()
         weight, bias = param_names(layer)
         q_a, q_g = tensors["activation_eigenvectors"], tensors["gradient_eigenvectors"]
         grads = per_draw_loss_gradients(net, x, target, weight).flatten(2)  # (S, d_out, d_in)
@@ -253,25 +252,25 @@ def test_precondition_is_damped_inverse(strategy: str) -> None:
     _, layers, _, _, _, factors = two_conv_fit(strategy, "model")
     generator = torch.Generator().manual_seed(5)
     for layer in layers:
-        tensors = factors.layer(layer)
+        tensors = factors.layer(layer).tensors()
         f_weight, f_bias = dense_curvature(strategy, tensors)
         d_out, d_in = tensors["gradient_covariance"].shape[0], tensors["activation_covariance"].shape[0]
         v_weight = torch.randn(3, d_out, d_in, generator=generator, dtype=torch.float64)
         v_bias = torch.randn(3, d_out, generator=generator, dtype=torch.float64)
         scale = torch.linalg.eigvalsh(f_weight).max().item()
         for damping in (1e-3 * scale, 0.5 * scale, 10.0 * scale):
-            p_weight, p_bias = precondition(tensors, v_weight, v_bias, damping)
+            p_weight, p_bias = factors.precondition(layer, v_weight, v_bias, damping)
             expected_weight = torch.linalg.solve(
                 f_weight + damping * torch.eye(d_out * d_in, dtype=torch.float64), v_weight.flatten(1).T
             ).T.reshape(3, d_out, d_in)
             expected_bias = torch.linalg.solve(f_bias + damping * torch.eye(d_out, dtype=torch.float64), v_bias.T).T
             torch.testing.assert_close(p_weight, expected_weight, rtol=1e-9, atol=1e-9 * expected_weight.abs().max())
             torch.testing.assert_close(p_bias, expected_bias, rtol=1e-9, atol=1e-9 * expected_bias.abs().max())
-            alone, none = precondition(tensors, v_weight, None, damping)
+            alone, none = factors.precondition(layer, v_weight, None, damping)
             assert none is None
             torch.testing.assert_close(alone, p_weight, rtol=0, atol=0)
     with pytest.raises(ValueError, match="damping"):
-        precondition(tensors, v_weight, v_bias, -1.0)
+        factors.precondition(layer, v_weight, v_bias, -1.0)
 
 
 # --------------------------------------------------------------------------- 4. Monte-Carlo GGN^model
@@ -293,7 +292,7 @@ def test_mc_output_curvature_converges_to_exact_ggn(draws_per_example: int) -> N
     )
     assert config.output_curvature == "mc"
     factors = hfi.fit_factors(task, rows, config)
-    tensors = factors.layer(layer)
+    tensors = factors.layer(layer).tensors()
     activation, gradient = tensors["activation_covariance"], tensors["gradient_covariance"]
 
     x, draws = fit_inputs(task, rows, config, "fit")

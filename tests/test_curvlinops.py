@@ -184,7 +184,7 @@ def _check_against_curvlinops(
     report = {}
 
     data, num_draws = _curvlinops_data(task, dataset, config, "fit", curv_batch)
-    assert num_draws == factors.config["num_draws"]
+    assert num_draws == factors.metadata.total_draws
     kfac = _curvlinops_operator(KFACLinearOperator, task, layers, data, num_draws, fisher_type, config.approx)
     kfac.compute_kronecker_factors()
     activation = {name: factors.tensors[f"{name}.activation_covariance"] for name in layers}

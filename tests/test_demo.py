@@ -45,7 +45,7 @@ def test_demo_builds_once_then_starts_from_the_cache(tmp_path, capsys):
     digits = artifacts.dataset
     assert len(digits) == 40 and digits["id"] == list(range(40)) and digits[0]["image"].size == (8, 8)
     assert sorted(set(digits["label"])) == list(range(10))
-    assert len(artifacts.index) == 40 and artifacts.index.config["compression"] == "svd"
+    assert len(artifacts.index) == 40 and artifacts.index.config.compression == "svd"
     artifacts.index.check_dataset(digits)
     assert artifacts.factors.strategy == "ekfac"
     # Everything fits together: factors and index belong to the trained model.

@@ -43,7 +43,7 @@ def test_two_processes_fit_the_factors_of_one(tmp_path, streaming):
     for strategy in STRATEGIES:
         single = hfi.fit_factors(task, mnist_dataset(EXAMPLES, 8), dataclasses.replace(CONFIG, strategy=strategy))
         ranks = [hfi.InfluenceFactors.from_pretrained(tmp_path / strategy / f"rank{r}", task=task) for r in (0, 1)]
-        assert ranks[0].config["num_draws"] == single.config["num_draws"] == EXAMPLES * 2
+        assert ranks[0].metadata.total_draws == single.metadata.total_draws == EXAMPLES * 2
         for name, value in single.tensors.items():
             # every rank holds the same factors, eigendecompositions included (computed by one, broadcast)
             torch.testing.assert_close(ranks[0].tensors[name], ranks[1].tensors[name], rtol=0, atol=0)
@@ -53,7 +53,7 @@ def test_two_processes_fit_the_factors_of_one(tmp_path, streaming):
         # (G ⊗ A + λI)⁻¹ does not depend on the eigenbasis: equal to rounding. EK-FAC's corrected
         # eigenvalues do, within repeated eigenvalues (the null space of a rank-deficient factor, here
         # the time-embedding layers fitted on 26 draws), where rounding picks the basis: close only.
-        kwargs = dict(damping=1e-3, num_query_draws=2, num_train_draws=2)
+        kwargs = dict(damping=1e-3, draws_per_query=2, draws_per_example=2)
         expected = hfi.pairwise_scores(task, single, queries, mnist_dataset(EXAMPLES, 8), **kwargs)
         actual = hfi.pairwise_scores(task, ranks[0], queries, mnist_dataset(EXAMPLES, 8), **kwargs)
         tolerance = 1e-8 if strategy == "kfac" else 2e-3
@@ -63,13 +63,13 @@ def test_two_processes_fit_the_factors_of_one(tmp_path, streaming):
 def _index_on_every_rank(output_dir: str) -> None:
     torch.set_num_threads(1)
     dataset = mnist_dataset(EXAMPLES, 8).to_iterable_dataset(num_shards=3)
-    config = hfi.IndexConfig(num_draws=2, shard_size=4)
+    config = hfi.IndexConfig(draws_per_example=2, shard_size=4)
     hfi.build_index(_task(), dataset, config, output_dir=output_dir, accelerator=Accelerator(cpu=True))
 
 
 def test_two_processes_build_the_index_of_one(tmp_path):
     debug_launcher(_index_on_every_rank, args=(str(tmp_path / "two"),), num_processes=2)
-    config = hfi.IndexConfig(num_draws=2, shard_size=4)
+    config = hfi.IndexConfig(draws_per_example=2, shard_size=4)
     single = hfi.build_index(_task(), mnist_dataset(EXAMPLES, 8), config, output_dir=tmp_path / "one")
     merged = hfi.GradientIndex.from_pretrained(tmp_path / "two")
     assert sorted(path.name for path in (tmp_path / "two").iterdir()) == sorted(

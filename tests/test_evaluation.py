@@ -14,6 +14,7 @@ from scipy import stats
 import hf_influence as hfi
 from hf_influence.evaluation import (
     GroundTruth,
+    GroundTruthProtocol,
     exact_retraining_ceiling,
     lds,
     measure,
@@ -58,7 +59,7 @@ class LinearToy:
         measurements = exact[:, None, :] + noise * torch.randn(
             len(subsets), seeds, len(self.queries), generator=generator, dtype=torch.float64
         )
-        return GroundTruth(subsets, measurements, None, {"alpha": 0.5})
+        return GroundTruth(subsets, measurements, None, GroundTruthProtocol(alpha=0.5))
 
 
 def test_exact_influence_predicts_the_exact_leave_subset_out_change():
@@ -158,19 +159,19 @@ def test_common_random_numbers():
     twin = hfi.DiffusionTask(copy.deepcopy(tiny_unet(seed=0)), DDPMScheduler())
     other = hfi.DiffusionTask(tiny_unet(seed=1), DDPMScheduler())
     queries = torch.rand(3, 1, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1
-    values = measure(task, queries, num_draws=12, seed=5, batch_size=8)
+    values = measure(task, queries, draws_per_query=12, seed=5, batch_size=8)
     # Identical models give identical measurements, whatever ran before and whatever the call order.
-    measure(other, queries, num_draws=12, seed=5, batch_size=8)
-    assert torch.equal(measure(twin, queries, num_draws=12, seed=5, batch_size=8), values)
-    reordered = measure(task, queries.flip(0), num_draws=12, seed=5, batch_size=5, query_ids=[2, 1, 0])
+    measure(other, queries, draws_per_query=12, seed=5, batch_size=8)
+    assert torch.equal(measure(twin, queries, draws_per_query=12, seed=5, batch_size=8), values)
+    reordered = measure(task, queries.flip(0), draws_per_query=12, seed=5, batch_size=5, query_ids=[2, 1, 0])
     torch.testing.assert_close(reordered.flip(0), values, rtol=1e-6, atol=0)
     for query in range(3):
         expected = direct_measurement(task, queries[query : query + 1], query, 12, 5)
         assert values[query].item() == pytest.approx(expected, rel=1e-5)
-    assert not torch.allclose(measure(other, queries, num_draws=12, seed=5), values)
-    assert not torch.allclose(measure(task, queries, num_draws=12, seed=6), values)
+    assert not torch.allclose(measure(other, queries, draws_per_query=12, seed=5), values)
+    assert not torch.allclose(measure(task, queries, draws_per_query=12, seed=6), values)
     with pytest.raises(ValueError, match="unique"):
-        measure(task, queries, num_draws=4, query_ids=[0, 0, 1])
+        measure(task, queries, draws_per_query=4, query_ids=[0, 0, 1])
 
 
 def test_ground_truth_files_and_hub(tmp_path, hub):
@@ -182,7 +183,7 @@ def test_ground_truth_files_and_hub(tmp_path, hub):
     assert torch.equal(loaded.subsets, ground_truth.subsets)
     assert torch.equal(loaded.measurements, ground_truth.measurements)
     assert torch.equal(loaded.queries, ground_truth.queries)
-    assert loaded.config["alpha"] == 0.5
+    assert loaded.protocol.alpha == 0.5
     assert lds(toy.influence(), loaded).mean == pytest.approx(lds(toy.influence(), ground_truth).mean)
 
     ground_truth.push_to_hub("hub-tester/lds-ground-truth", token=hub.token)

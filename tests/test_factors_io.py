@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 
@@ -12,7 +13,6 @@ from diffusers import DDPMScheduler
 from safetensors.torch import load_file
 
 import hf_influence as hfi
-from hf_influence.curvature.inverse import precondition
 
 
 def assert_same_covariances(left: hfi.InfluenceFactors, right: hfi.InfluenceFactors) -> None:
@@ -38,9 +38,9 @@ def test_saved_format_follows_the_contract(fitted, tmp_path):
     task, _, factors = fitted
     factors.save_pretrained(tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
-    assert config["format"] == "hf_influence.factors" and config["format_version"] == 1
+    assert config["format"] == "hf_influence.factors" and config["format_version"] == 2
     assert (config["strategy"], config["approx"], config["ggn"]) == ("ekfac", "expand", "model")
-    assert config["num_draws"] == 12 * 2
+    assert config["total_draws"] == 12 * 2
     assert config["model"]["fingerprint"] == task.fingerprint()
     layers = [name for name, m in task.denoiser.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
     assert config["modules"] == layers
@@ -66,11 +66,11 @@ def test_round_trip_gives_equal_tensors_and_scores(fitted, tmp_path):
     task, dataset, factors = fitted
     factors.save_pretrained(tmp_path)
     loaded = hfi.InfluenceFactors.from_pretrained(tmp_path, task=task)
-    assert {key: value for key, value in loaded.config.items() if key not in ("storage", "files")} == factors.config
+    assert dataclasses.replace(loaded.metadata, storage=factors.metadata.storage) == factors.metadata
     for name, value in factors.tensors.items():
         torch.testing.assert_close(loaded.tensors[name], value, rtol=0, atol=0)
     queries = task.preprocess([dataset[0]["image"]])
-    kwargs = dict(num_query_draws=2, num_train_draws=2, batch_size=8)
+    kwargs = dict(draws_per_query=2, draws_per_example=2, batch_size=8)
     torch.testing.assert_close(
         hfi.pairwise_scores(task, loaded, queries, dataset, **kwargs),
         hfi.pairwise_scores(task, factors, queries, dataset, **kwargs),
@@ -82,8 +82,8 @@ def test_factors_and_scores_do_not_depend_on_batch_size(fitted):
     other = hfi.fit_factors(task, dataset, hfi.FactorConfig(draws_per_example=2, batch_size=3))
     assert_same_covariances(other, factors)
     queries = task.preprocess([dataset[i]["image"] for i in range(2)])
-    small = hfi.pairwise_scores(task, factors, queries, dataset, num_query_draws=3, num_train_draws=3, batch_size=2)
-    large = hfi.pairwise_scores(task, factors, queries, dataset, num_query_draws=3, num_train_draws=3, batch_size=64)
+    small = hfi.pairwise_scores(task, factors, queries, dataset, draws_per_query=3, draws_per_example=3, batch_size=2)
+    large = hfi.pairwise_scores(task, factors, queries, dataset, draws_per_query=3, draws_per_example=3, batch_size=64)
     assert small.shape == (2, 12)
     torch.testing.assert_close(small, large, rtol=1e-4, atol=1e-4)
 
@@ -103,7 +103,9 @@ def test_factors_of_another_model_are_refused(fitted, tmp_path):
     with pytest.raises(ValueError, match="fingerprint"):
         hfi.InfluenceFactors.from_pretrained(tmp_path, task=retrained)
     with pytest.raises(ValueError, match="fingerprint"):
-        hfi.pairwise_scores(retrained, factors, torch.zeros(1, 1, 8, 8), dataset, num_query_draws=1, num_train_draws=1)
+        hfi.pairwise_scores(
+            retrained, factors, torch.zeros(1, 1, 8, 8), dataset, draws_per_query=1, draws_per_example=1
+        )
     assert hfi.InfluenceFactors.from_pretrained(tmp_path, task=retrained, force=True).modules == factors.modules
     wider = hfi.DiffusionTask(tiny_unet(sample_size=8, channels=3), DDPMScheduler())
     with pytest.raises(ValueError, match="conv_in"):
@@ -158,7 +160,7 @@ def test_sharded_save_loads_equal_and_a_subset_reads_only_its_shards(fitted, tmp
     subset = hfi.InfluenceFactors.from_pretrained(tmp_path, modules=wanted)
     assert subset.modules == wanted
     for module in wanted:
-        torch.testing.assert_close(subset.layer(module), factors.layer(module), rtol=0, atol=0)
+        torch.testing.assert_close(subset.layer(module).tensors(), factors.layer(module).tensors(), rtol=0, atol=0)
     with pytest.raises(KeyError, match="no layers"):
         hfi.InfluenceFactors.from_pretrained(tmp_path, modules=["not.a.layer"])
 
@@ -185,13 +187,12 @@ def test_storage_policies_shrink_the_files_and_keep_the_preconditioner(fitted, t
         "eigenvector_dtype": "bfloat16",
     }
     generator = torch.Generator().manual_seed(0)
-    for module, layer in factors.layers():
-        lean_layer = loaded.layer(module)
-        assert lean_layer["activation_eigenvectors"].dtype == torch.float32  # upcast for the maths
-        d_out, d_in = factors.config["shapes"][module]
+    for module in factors.modules:
+        assert loaded.layer(module).activation_eigenvectors.dtype == torch.float32  # upcast for the maths
+        d_out, d_in = factors.metadata.shapes[module]
         gradient = torch.randn(3, d_out, d_in, generator=generator)
-        exact, _ = precondition(layer, gradient, None, 1e-3)
-        approx, _ = precondition(lean_layer, gradient, None, 1e-3)
+        exact, _ = factors.precondition(module, gradient, None, 1e-3)
+        approx, _ = loaded.precondition(module, gradient, None, 1e-3)
         assert (approx - exact).norm() <= 0.05 * exact.norm()
     with pytest.raises(ValueError, match="eigenvector_dtype"):
         factors.save_pretrained(tmp_path / "bad", eigenvector_dtype="int8")

@@ -17,7 +17,8 @@ from torch.func import functional_call, grad, jacrev, vmap
 
 import hf_influence as hfi
 from hf_influence.curvature.layers import find_layers
-from hf_influence.gradients import GradientPlan, per_example_gradients
+from hf_influence.engine import DrawPlan
+from hf_influence.gradients import per_example_gradients
 
 # vmap over diffusers' attention falls back to a loop for CPU flash attention: slow-ish, still exact.
 pytestmark = pytest.mark.filterwarnings("ignore:There is a performance drop:UserWarning")
@@ -120,14 +121,14 @@ def unet_setup(digits8):
 def test_per_example_gradients_match_torch_func_on_unet(unet_setup, num_draws: int, batch_size: int) -> None:
     task, layers, samples, ids, references = unet_setup
     assert len(layers) == 51  # every Linear and Conv2d of the UNet, attention projections included
-    plan = GradientPlan(hfi.Loss(), num_draws, 4, "train", batch_size, augment=True)
+    plan = DrawPlan(hfi.Loss(), num_draws, 4, "train", batch_size, augment=True)
     actual = per_example_gradients(task, layers, samples, ids, plan, dtype=torch.float64)
     draws = task.draw(ids, num_draws, 4, "train", augment=True)
     if num_draws == 3:
         assert draws.flip.any() and not draws.flip.all()
     assert_gradients_close(actual, references[num_draws])
     # and independent of the batch size, up to rounding
-    whole_plan = GradientPlan(hfi.Loss(), num_draws, 4, "train", 64, augment=True)
+    whole_plan = DrawPlan(hfi.Loss(), num_draws, 4, "train", 64, augment=True)
     whole = per_example_gradients(task, layers, samples, ids, whole_plan, dtype=torch.float64)
     assert_gradients_close(actual, whole, rtol=1e-12)
 
@@ -178,7 +179,7 @@ def test_per_example_gradients_of_unusual_layers() -> None:
     ]
     samples = torch.rand(3, 2, 8, 8, generator=torch.Generator().manual_seed(1)) * 2 - 1
     ids = ["a", "b", "c"]
-    plan = GradientPlan(hfi.Loss(), 2, 0, "train", 3, augment=True)
+    plan = DrawPlan(hfi.Loss(), 2, 0, "train", 3, augment=True)
     actual = per_example_gradients(task, layers, samples, ids, plan, dtype=torch.float64)
     expected = reference_example_gradients(task, layers, samples, ids, 2, 0, "train", augment=True)
     assert_gradients_close(actual, expected)
@@ -209,7 +210,11 @@ def test_large_damping_limit_is_gradient_dot_product(digits8) -> None:
     factors = hfi.fit_factors(task, train, hfi.FactorConfig(draws_per_example=2, dtype="float64", batch_size=8))
     layers = {name: dict(task.denoiser.named_modules())[name] for name in factors.modules}
     largest = max(
-        max(tensor.max().item() for kind, tensor in factors.layer(name).items() if kind.endswith("eigenvalues"))
+        max(
+            tensor.max().item()
+            for kind, tensor in factors.layer(name).tensors().items()
+            if kind.endswith("eigenvalues")
+        )
         for name in factors.modules
     )
     assert largest > 0
@@ -226,7 +231,7 @@ def test_large_damping_limit_is_gradient_dot_product(digits8) -> None:
     for ratio in (1e1, 1e3, 1e6):
         damping = ratio * largest
         scores = hfi.pairwise_scores(
-            task, factors, queries, train, damping=damping, num_query_draws=2, num_train_draws=2, batch_size=4
+            task, factors, queries, train, damping=damping, draws_per_query=2, draws_per_example=2, batch_size=4
         ).to(torch.float64)
         error = (damping * scores - dot).abs()
         bound = (largest / (largest + damping) + 1e-5) * norms
@@ -297,7 +302,7 @@ def test_pairwise_scores_equal_exact_influence_on_linear_model(digits8, bias: bo
     for damping in (1e-6 * largest, 1e-2 * largest, 1.0 * largest):
         expected = g_query @ torch.linalg.solve(ggn + damping * torch.eye(len(ggn), dtype=ggn.dtype), g_train.T)
         scores = hfi.pairwise_scores(
-            task, factors, queries, train, damping=damping, num_query_draws=4, num_train_draws=draws, batch_size=6
+            task, factors, queries, train, damping=damping, draws_per_query=4, draws_per_example=draws, batch_size=6
         )
         assert scores.shape == (3, 6)
         torch.testing.assert_close(scores.to(torch.float64), expected, rtol=1e-5, atol=1e-5 * expected.abs().max())

@@ -76,15 +76,17 @@ def test_a_module_subset_downloads_only_its_shards(hub, fitted):
 
 def test_pipeline_and_dataset_from_the_hub_feed_fitting_and_indexing(hub, on_hub, tmp_path):
     task, stream, source, pipeline_repo, dataset_repo = on_hub
-    assert task.source["repo_id"] == pipeline_repo and len(task.source["revision"]) == 40
+    assert task.source.repo_id == pipeline_repo and len(task.source.revision) == 40
     factors = hfi.fit_factors(task, stream, hfi.FactorConfig(draws_per_example=1, batch_size=8), dataset_source=source)
-    index = hfi.build_index(task, stream, hfi.IndexConfig(num_draws=2, shard_size=5), tmp_path, dataset_source=source)
+    index = hfi.build_index(
+        task, stream, hfi.IndexConfig(draws_per_example=2, shard_size=5), tmp_path, dataset_source=source
+    )
     assert len(index) == 12 and index.ids().tolist() == list(range(12))
-    for config in (factors.config, index.config):
-        assert config["model"]["repo_id"] == pipeline_repo
-        assert config["model"]["revision"] == task.source["revision"]
-        assert config["dataset"] == {"repo_id": dataset_repo, "revision": source.revision, "split": "train",
-                                     "id_column": "id"}  # fmt: skip
+    for metadata in (factors.metadata, index.metadata):
+        assert metadata.model.repo_id == pipeline_repo
+        assert metadata.model.revision == task.source.revision
+        assert metadata.dataset == hfi.DatasetSource(repo_id=dataset_repo, revision=source.revision, split="train",
+                                                     id_column="id")  # fmt: skip
     assert source.revision == hub.api.dataset_info(dataset_repo).sha
 
     factors_repo, index_repo = repo_name("factors"), repo_name("index")
@@ -93,7 +95,7 @@ def test_pipeline_and_dataset_from_the_hub_feed_fitting_and_indexing(hub, on_hub
     card = ModelCard.load(factors_repo)
     assert card.data.library_name == "hf_influence" and card.data.base_model == pipeline_repo
     assert card.data.datasets == [dataset_repo]
-    assert f'InfluenceFactors.from_pretrained("{factors_repo}")' in card.text and task.source["revision"] in card.text
+    assert f'InfluenceFactors.from_pretrained("{factors_repo}")' in card.text and task.source.revision in card.text
     assert "hub-tester" in hub.api.dataset_info(index_repo, token=hub.token).id
     with pytest.raises(FileNotFoundError, match="private"):
         hfi.GradientIndex.from_pretrained(index_repo)  # no token: a private repo looks missing
@@ -104,15 +106,15 @@ def test_pipeline_and_dataset_from_the_hub_feed_fitting_and_indexing(hub, on_hub
     local = hfi.Attributor(task, factors, index)
     queries = torch.zeros(1, 1, 8, 8)
     torch.testing.assert_close(
-        attributor.attribute(queries, top_k=3, num_draws=2).scores,
-        local.attribute(queries, top_k=3, num_draws=2).scores,
+        attributor.attribute(queries, top_k=3, draws_per_query=2).scores,
+        local.attribute(queries, top_k=3, draws_per_query=2).scores,
     )
 
 
 def test_index_round_trip_downloads_only_config_and_shards(hub, tmp_path):
     task = hfi.DiffusionTask(tiny_unet(), DDPMScheduler())
     dataset = mnist_dataset(10, 8)
-    index = hfi.build_index(task, dataset, hfi.IndexConfig(num_draws=2, shard_size=4), tmp_path / "index")
+    index = hfi.build_index(task, dataset, hfi.IndexConfig(draws_per_example=2, shard_size=4), tmp_path / "index")
     repo = repo_name("index")
     index.push_to_hub(repo, token=hub.token)
     assert sorted(hub.api.list_repo_files(repo, repo_type="dataset")) == [

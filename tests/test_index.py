@@ -27,20 +27,18 @@ def setup():
     dataset = mnist_dataset(40, 8)
     factors = hfi.fit_factors(task, dataset, hfi.FactorConfig(draws_per_example=4))
     queries = task.preprocess([image for image in mnist_dataset(44, 8)[40:]["image"]])
-    exact = hfi.pairwise_scores(task, factors, queries, dataset, num_query_draws=DRAWS, num_train_draws=DRAWS)
+    exact = hfi.pairwise_scores(task, factors, queries, dataset, draws_per_query=DRAWS, draws_per_example=DRAWS)
     return task, dataset, factors, queries, exact
 
 
 def _bytes_per_example(index: hfi.GradientIndex) -> float:
-    return sum(shard["size"] for shard in index.config["shards"]) / len(index)
+    return sum(record.size for record in index.files.records.values()) / len(index)
 
 
 def test_uncompressed_index_equals_pairwise_scores(setup, tmp_path):
     task, dataset, factors, queries, exact = setup
-    index = hfi.build_index(task, dataset, hfi.IndexConfig(num_draws=DRAWS, shard_size=16), output_dir=tmp_path)
-    assert [shard["file"] for shard in index.config["shards"]] == [
-        f"index-0000{k}-of-00003.safetensors" for k in range(3)
-    ]
+    index = hfi.build_index(task, dataset, hfi.IndexConfig(draws_per_example=DRAWS, shard_size=16), output_dir=tmp_path)
+    assert [shard.file for shard in index.metadata.shards] == [f"index-0000{k}-of-00003.safetensors" for k in range(3)]
     result = hfi.Attributor(task, factors, hfi.GradientIndex.from_pretrained(tmp_path)).attribute(queries, top_k=5)
     torch.testing.assert_close(result.scores, exact, rtol=1e-4, atol=1e-4 * exact.abs().max().item())
     assert result.ids.tolist() == list(range(40))
@@ -54,7 +52,9 @@ def test_uncompressed_index_equals_pairwise_scores(setup, tmp_path):
 def test_streaming_dataset_gives_the_same_index(setup, tmp_path):
     task, dataset, factors, queries, exact = setup
     streamed = dataset.to_iterable_dataset(num_shards=4)
-    index = hfi.build_index(task, streamed, hfi.IndexConfig(num_draws=DRAWS, shard_size=16), output_dir=tmp_path)
+    index = hfi.build_index(
+        task, streamed, hfi.IndexConfig(draws_per_example=DRAWS, shard_size=16), output_dir=tmp_path
+    )
     result = hfi.Attributor(task, factors, index).attribute(queries)
     torch.testing.assert_close(result.scores, exact, rtol=1e-4, atol=1e-4 * exact.abs().max().item())
     index.check_dataset(streamed)
@@ -63,7 +63,7 @@ def test_streaming_dataset_gives_the_same_index(setup, tmp_path):
 
 def test_damping_change_reuses_the_query_gradients(setup, tmp_path, monkeypatch):
     task, dataset, factors, queries, _ = setup
-    index = hfi.build_index(task, dataset, hfi.IndexConfig(num_draws=DRAWS, shard_size=64), output_dir=tmp_path)
+    index = hfi.build_index(task, dataset, hfi.IndexConfig(draws_per_example=DRAWS, shard_size=64), output_dir=tmp_path)
     attributor = hfi.Attributor(task, factors, index)
     attributor.attribute(queries)
     calls = []
@@ -74,7 +74,7 @@ def test_damping_change_reuses_the_query_gradients(setup, tmp_path, monkeypatch)
     heavy = attributor.attribute(queries, damping=1e3)
     assert calls == []
     expected = hfi.pairwise_scores(
-        task, factors, queries, dataset, damping=1e3, num_query_draws=DRAWS, num_train_draws=DRAWS
+        task, factors, queries, dataset, damping=1e3, draws_per_query=DRAWS, draws_per_example=DRAWS
     )
     torch.testing.assert_close(heavy.scores, expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())
 
@@ -98,7 +98,7 @@ COMPRESSORS = [
 @pytest.mark.parametrize(("options", "floor"), COMPRESSORS)
 def test_compressed_scores_rank_like_exact_ones(setup, tmp_path, options, floor):
     task, dataset, factors, queries, exact = setup
-    index = hfi.build_index(task, dataset, hfi.IndexConfig(num_draws=DRAWS, **options), output_dir=tmp_path)
+    index = hfi.build_index(task, dataset, hfi.IndexConfig(draws_per_example=DRAWS, **options), output_dir=tmp_path)
     scores = hfi.Attributor(task, factors, index).attribute(queries).scores
     correlation = sum(spearmanr(scores[q], exact[q])[0] for q in range(len(exact))) / len(exact)
     exact_bytes = 4 * sum(p.numel() for name, p in task.denoiser.named_parameters() if "norm" not in name)
@@ -110,7 +110,7 @@ def test_projection_improves_with_its_dimension(setup, tmp_path):
     task, dataset, factors, queries, exact = setup
     correlations = []
     for dim in (4, 64):
-        config = hfi.IndexConfig(num_draws=DRAWS, compression="projection", projection_dim=dim)
+        config = hfi.IndexConfig(draws_per_example=DRAWS, compression="projection", projection_dim=dim)
         index = hfi.build_index(task, dataset, config, output_dir=tmp_path / str(dim))
         scores = hfi.Attributor(task, factors, index).attribute(queries).scores
         correlations.append(sum(spearmanr(scores[q], exact[q])[0] for q in range(len(exact))) / len(exact))
@@ -124,7 +124,7 @@ RESUMABLE_BUILD = textwrap.dedent(
     from conftest import mnist_dataset, tiny_unet
     from diffusers import DDPMScheduler
     import hf_influence as hfi
-    from hf_influence import index as index_module
+    from hf_influence.index import builder as index_module
 
     write = index_module._write_shard
     def slow_write(*args, **kwargs):  # leave time to be killed between shards
@@ -133,7 +133,7 @@ RESUMABLE_BUILD = textwrap.dedent(
         return record
     index_module._write_shard = slow_write
     task = hfi.DiffusionTask(tiny_unet(), DDPMScheduler())
-    hfi.build_index(task, mnist_dataset(40, 8), hfi.IndexConfig(num_draws=4, shard_size=8), output_dir={out!r})
+    hfi.build_index(task, mnist_dataset(40, 8), hfi.IndexConfig(draws_per_example=4, shard_size=8), output_dir={out!r})
     """
 )
 
@@ -151,7 +151,7 @@ def test_killed_build_resumes_to_the_identical_index(setup, tmp_path):
     process.wait()
     assert not (interrupted / "config.json").exists()
 
-    config = hfi.IndexConfig(num_draws=4, shard_size=8)
+    config = hfi.IndexConfig(draws_per_example=4, shard_size=8)
     resumed = hfi.build_index(task, dataset, config, output_dir=interrupted)
     uninterrupted = hfi.build_index(task, dataset, config, output_dir=tmp_path / "uninterrupted")
     assert len(resumed) == 40
@@ -166,12 +166,12 @@ def test_resuming_with_other_settings_is_refused(setup, tmp_path):
     task, dataset, *_ = setup
     (tmp_path / "build_state.json").write_text('{"metadata": {"num_draws": 1}}')
     with pytest.raises(ValueError, match="other settings"):
-        hfi.build_index(task, dataset, hfi.IndexConfig(num_draws=DRAWS), output_dir=tmp_path)
+        hfi.build_index(task, dataset, hfi.IndexConfig(draws_per_example=DRAWS), output_dir=tmp_path)
 
 
 def test_corrupt_and_truncated_shards_are_detected(setup, tmp_path):
     task, dataset, factors, queries, _ = setup
-    hfi.build_index(task, dataset, hfi.IndexConfig(num_draws=DRAWS, shard_size=16), output_dir=tmp_path)
+    hfi.build_index(task, dataset, hfi.IndexConfig(draws_per_example=DRAWS, shard_size=16), output_dir=tmp_path)
     shard = tmp_path / "index-00001-of-00003.safetensors"
     data = bytearray(shard.read_bytes())
     data[-10] ^= 0xFF  # one flipped byte inside a tensor
@@ -186,7 +186,7 @@ def test_corrupt_and_truncated_shards_are_detected(setup, tmp_path):
 
 def test_index_of_another_model_or_dataset_is_refused(setup, tmp_path):
     task, dataset, factors, queries, _ = setup
-    index = hfi.build_index(task, dataset, hfi.IndexConfig(num_draws=DRAWS), output_dir=tmp_path)
+    index = hfi.build_index(task, dataset, hfi.IndexConfig(draws_per_example=DRAWS), output_dir=tmp_path)
     other = hfi.DiffusionTask(tiny_unet(seed=3), DDPMScheduler())
     with pytest.raises(ValueError, match="fingerprint"):
         hfi.Attributor(other, factors, index, force=False).attribute(queries)
@@ -205,16 +205,16 @@ def test_index_of_another_model_or_dataset_is_refused(setup, tmp_path):
 
 def test_finished_index_folder_is_not_overwritten(setup, tmp_path):
     task, dataset, *_ = setup
-    hfi.build_index(task, dataset, hfi.IndexConfig(num_draws=1), output_dir=tmp_path)
+    hfi.build_index(task, dataset, hfi.IndexConfig(draws_per_example=1), output_dir=tmp_path)
     before = sorted(p.name for p in tmp_path.iterdir())
     with pytest.raises(FileExistsError, match="finished index"):
-        hfi.build_index(task, dataset, hfi.IndexConfig(num_draws=1), output_dir=tmp_path)
+        hfi.build_index(task, dataset, hfi.IndexConfig(draws_per_example=1), output_dir=tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == before
 
 
 def test_save_pretrained_copies_a_loadable_index(setup, tmp_path):
     task, dataset, factors, queries, _ = setup
-    index = hfi.build_index(task, dataset, hfi.IndexConfig(num_draws=DRAWS), output_dir=tmp_path / "a")
+    index = hfi.build_index(task, dataset, hfi.IndexConfig(draws_per_example=DRAWS), output_dir=tmp_path / "a")
     index.save_pretrained(tmp_path / "b")
     copy = hfi.GradientIndex.from_pretrained(tmp_path / "b")
     assert "library_name: hf_influence" in (tmp_path / "b" / "README.md").read_text()
@@ -224,16 +224,18 @@ def test_save_pretrained_copies_a_loadable_index(setup, tmp_path):
 
 def test_max_shard_bytes_bounds_every_file(setup, tmp_path):
     task, dataset, factors, queries, _ = setup
-    options = dict(num_draws=2, compression="svd", rank=1)
+    options = dict(draws_per_example=2, compression="svd", rank=1)
     unbounded = hfi.build_index(task, dataset, hfi.IndexConfig(**options), output_dir=tmp_path / "one")
-    limit = unbounded.config["shards"][0]["size"] // 2  # room for the header and a few examples
+    limit = (
+        unbounded.files.records[unbounded.metadata.shards[0].file].size // 2
+    )  # room for the header and a few examples
     bounded = hfi.build_index(
         task, dataset, hfi.IndexConfig(**options, max_shard_bytes=limit), output_dir=tmp_path / "bounded"
     )
-    assert len(bounded.config["shards"]) > 2
-    assert all(shard["size"] <= limit for shard in bounded.config["shards"])
+    assert len(bounded.metadata.shards) > 2
+    assert all(record.size <= limit for record in bounded.files.records.values())
     assert bounded.ids().tolist() == unbounded.ids().tolist()
-    attribute = lambda index: hfi.Attributor(task, factors, index).attribute(queries, num_draws=2).scores  # noqa: E731
+    attribute = lambda index: hfi.Attributor(task, factors, index).attribute(queries, draws_per_query=2).scores  # noqa: E731
     torch.testing.assert_close(attribute(bounded), attribute(unbounded), rtol=1e-4, atol=1e-5)
     with pytest.raises(ValueError, match="max_shard_bytes"):
         hfi.build_index(task, dataset, hfi.IndexConfig(**options, max_shard_bytes=100), output_dir=tmp_path / "tiny")

@@ -12,8 +12,8 @@ from scipy.stats import spearmanr
 from torch import nn
 
 import hf_influence as hfi
-from hf_influence.curvature.inverse import precondition
-from hf_influence.curvature.kfac import eigendecompose
+from hf_influence.curvature import LayerFactors, get_strategy
+from hf_influence.curvature.eigen import eigendecompose
 from hf_influence.curvature.large_layers import truncate
 
 
@@ -61,17 +61,17 @@ def test_damped_inverse_matches_the_dense_kronecker_inverse(rank: int) -> None:
     activation, gradient = decaying_covariance(d_in, seed=1), decaying_covariance(d_out, seed=2)
     a_values, a_vectors, residual = truncate(*eigendecompose(activation), rank)
     g_values, g_vectors = eigendecompose(gradient)
-    layer = {
-        "activation_eigenvectors": a_vectors,
-        "activation_eigenvalues": a_values,
-        "activation_residual_eigenvalue": residual,
-        "gradient_eigenvectors": g_vectors,
-        "gradient_eigenvalues": g_values,
-        "bias_eigenvalues": g_values,
-    }
+    layer = LayerFactors(
+        activation_eigenvectors=a_vectors,
+        activation_eigenvalues=a_values,
+        activation_residual_eigenvalue=residual,
+        gradient_eigenvectors=g_vectors,
+        gradient_eigenvalues=g_values,
+        bias_eigenvalues=g_values,
+    )
     weight = torch.randn(3, d_out, d_in, dtype=torch.float64)
     bias = torch.randn(3, d_out, dtype=torch.float64)
-    ours, ours_bias = precondition(layer, weight, bias, damping)
+    ours, ours_bias = get_strategy("kfac").precondition(layer, weight, bias, damping)
     # W row-major: vec(G W Aᵀ) = (G ⊗ A) vec(W), so the weight block is kron(G, Â).
     dense = torch.kron(gradient, approximation(activation, rank)) + damping * torch.eye(
         d_out * d_in, dtype=torch.float64
@@ -103,7 +103,7 @@ def test_ekfac_correction_in_the_truncated_basis_matches_the_exact_fit() -> None
     rank = 10  # first conv: d_in = 2·9 = 18; second: 4·9 = 36
     truncated = hfi.fit_factors(task, rows, hfi.FactorConfig(**common, max_factor_size=16, large_layer_rank=rank))
     for name in ("net.0", "net.2"):
-        full, cut = exact.layer(name), truncated.layer(name)
+        full, cut = exact.layer(name).tensors(), truncated.layer(name).tensors()
         d_in = full["activation_eigenvectors"].shape[0]
         assert cut["activation_eigenvectors"].shape == (d_in, rank)
         # Same directions (up to sign): the exact basis's last `rank` eigenvectors, in decreasing order.
@@ -130,9 +130,9 @@ def test_one_discarded_direction_gives_the_exact_scores(strategy: str, tmp_path)
     cut = hfi.fit_factors(task, rows, hfi.FactorConfig(**common, max_factor_size=8, large_layer_rank=17))
     cut.save_pretrained(tmp_path)
     cut = hfi.InfluenceFactors.from_pretrained(tmp_path, task=task)
-    assert cut.layer("net.0")["activation_eigenvectors"].shape == (18, 17)
+    assert cut.layer("net.0").activation_eigenvectors.shape == (18, 17)
     queries = torch.stack([row["image"] for row in image_rows(3, seed=1)])
-    options = {"damping": 1e-6, "num_query_draws": 2, "num_train_draws": 2, "batch_size": 16}
+    options = {"damping": 1e-6, "draws_per_query": 2, "draws_per_example": 2, "batch_size": 16}
     expected = hfi.pairwise_scores(task, exact, queries, rows, **options)
     scores = hfi.pairwise_scores(task, cut, queries, rows, **options)
     torch.testing.assert_close(scores, expected, rtol=1e-7, atol=1e-9 * expected.abs().max().item())
@@ -146,10 +146,10 @@ def test_tiny_unet_scores_survive_moderate_truncation(digits8) -> None:
     common = {"batch_size": 32, "draws_per_example": 2}
     exact = hfi.fit_factors(task, train, hfi.FactorConfig(**common))
     cut = hfi.fit_factors(task, train, hfi.FactorConfig(**common, max_factor_size=64, large_layer_rank=32))
-    truncated_layers = [name for name, layer in cut.layers() if "residual_eigenvalues" in layer]
+    truncated_layers = [name for name, layer in cut.layers.items() if layer.residual_eigenvalues is not None]
     assert truncated_layers  # the approximation is in use
     queries = task.preprocess([row["image"] for row in digits8.select(range(16, 20))])
-    options = {"damping": 1e-8, "num_query_draws": 2, "num_train_draws": 2, "batch_size": 32}
+    options = {"damping": 1e-8, "draws_per_query": 2, "draws_per_example": 2, "batch_size": 32}
     expected = hfi.pairwise_scores(task, exact, queries, train, **options)
     scores = hfi.pairwise_scores(task, cut, queries, train, **options)
     assert torch.isfinite(scores).all()

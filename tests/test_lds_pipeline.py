@@ -48,7 +48,7 @@ def test_lds_pipeline_end_to_end(tmp_path, digits8, monkeypatch, capsys):
     subsets = random_subsets(len(train), alpha=0.5, count=4, seed=0)
     config = tiny_config()
     ground_truth = build_ground_truth(
-        train, queries, config, subsets, seeds=[0, 1], output_dir=tmp_path / "lds", num_draws=8, batch_size=16
+        train, queries, config, subsets, seeds=[0, 1], output_dir=tmp_path / "lds", draws_per_query=8, batch_size=16
     )
     assert ground_truth.measurements.shape == (4, 2, 2)
     assert torch.isfinite(ground_truth.measurements).all()
@@ -63,7 +63,7 @@ def test_lds_pipeline_end_to_end(tmp_path, digits8, monkeypatch, capsys):
 
     monkeypatch.setattr(retraining_module, "train_ddpm", no_training)
     again = build_ground_truth(
-        train, queries, config, subsets, seeds=[0, 1], output_dir=tmp_path / "lds", num_draws=8, batch_size=16
+        train, queries, config, subsets, seeds=[0, 1], output_dir=tmp_path / "lds", draws_per_query=8, batch_size=16
     )
     assert torch.equal(again.measurements, ground_truth.measurements)
     monkeypatch.undo()
@@ -77,7 +77,7 @@ def test_lds_pipeline_end_to_end(tmp_path, digits8, monkeypatch, capsys):
     task = load_model_task(tmp_path / "full")
     scores = {
         "pixel": pixel_similarity_scores(task, loaded.queries, train),
-        "gradient_dot": gradient_dot_scores(task, loaded.queries, train, num_query_draws=4, num_train_draws=4),
+        "gradient_dot": gradient_dot_scores(task, loaded.queries, train, draws_per_query=4, draws_per_example=4),
     }
     for name, matrix in scores.items():
         assert matrix.shape == (2, 16), name
@@ -112,17 +112,25 @@ def test_lds_pipeline_end_to_end(tmp_path, digits8, monkeypatch, capsys):
         tmp_path / "full",
         query_indices=[1],
         method="pixel",
-        num_draws=8,
+        draws_per_query=8,
     )
     random = top_k_removal(
-        train, config, None, loaded.queries, 3, tmp_path / "removal", tmp_path / "full", query_indices=[1], num_draws=8
+        train,
+        config,
+        None,
+        loaded.queries,
+        3,
+        tmp_path / "removal",
+        tmp_path / "full",
+        query_indices=[1],
+        draws_per_query=8,
     )
     assert top.removed == [sorted(scores["pixel"][1].topk(3).indices.tolist())]
     assert random.method == "random" and len(random.removed[0]) == 3 and random.removed != top.removed
     for result in (top, random):
         assert result.retrained.shape == (1, 1) and torch.isfinite(result.increase).all()
         # Query 1 is measured with its own common random numbers on every model, as in the ground truth.
-        assert result.full[0] == measure(task, loaded.queries, num_draws=8, batch_size=16)[1]
+        assert result.full[0] == measure(task, loaded.queries, draws_per_query=8, batch_size=16)[1]
     full_again = top_k_removal(
         train,
         config,
@@ -132,6 +140,6 @@ def test_lds_pipeline_end_to_end(tmp_path, digits8, monkeypatch, capsys):
         tmp_path / "removal",
         tmp_path / "full",
         query_indices=[1],
-        num_draws=8,
+        draws_per_query=8,
     )
     assert torch.equal(full_again.retrained, top.retrained)  # the same removed set reuses its model

@@ -40,7 +40,8 @@ from torch.func import functional_call, grad
 
 import hf_influence as hfi
 from hf_influence.curvature.layers import find_layers
-from hf_influence.gradients import GradientPlan, per_example_gradients
+from hf_influence.engine import DrawPlan
+from hf_influence.gradients import per_example_gradients
 from hf_influence.noise_schedules import DDPMSchedule, FlowMatchingSchedule
 
 pytestmark = [
@@ -102,7 +103,7 @@ def fit(task, train, **config):
 
 def scores(task, factors, queries, train, **kwargs):
     return hfi.pairwise_scores(
-        task, factors, queries["image"], train, num_query_draws=DRAWS, num_train_draws=DRAWS, batch_size=8, **kwargs
+        task, factors, queries["image"], train, draws_per_query=DRAWS, draws_per_example=DRAWS, batch_size=8, **kwargs
     )
 
 
@@ -238,7 +239,7 @@ def test_per_example_gradients_match_torch_func(kind, workdir, train):
     if dropout:
         assert draws.drop.any() and not draws.drop.all()
     examples = task.examples_from_rows(list(rows))
-    plan = GradientPlan(hfi.Loss(), num_draws, seed, "train", batch_size=2, augment=True)  # draws split over passes
+    plan = DrawPlan(hfi.Loss(), num_draws, seed, "train", batch_size=2, augment=True)  # draws split over passes
     actual = per_example_gradients(task, layers, examples, rows["id"], plan, dtype=torch.float64)
     assert_gradients_close(actual, expected)
 
@@ -313,15 +314,15 @@ def test_index_and_attributor_with_prompts(pipelines, train, queries, tmp_path):
     factors = fit(task, train)
     prompts = queries["text"]
     exact = scores(task, factors, queries, train, prompts=prompts)
-    index = hfi.build_index(task, train, hfi.IndexConfig(num_draws=DRAWS, batch_size=8), output_dir=tmp_path)
+    index = hfi.build_index(task, train, hfi.IndexConfig(draws_per_example=DRAWS, batch_size=8), output_dir=tmp_path)
     attributor = hfi.Attributor(task, factors, index)
-    result = attributor.attribute(queries["image"], prompts=prompts, num_draws=DRAWS, top_k=2)
+    result = attributor.attribute(queries["image"], prompts=prompts, draws_per_query=DRAWS, top_k=2)
     torch.testing.assert_close(result.scores, exact, rtol=1e-4, atol=1e-4 * exact.abs().max().item())
     assert result.ids.tolist() == train["id"]
-    other = attributor.attribute(queries["image"], prompts=[prompts[0], "a blank page"], num_draws=DRAWS)
+    other = attributor.attribute(queries["image"], prompts=[prompts[0], "a blank page"], draws_per_query=DRAWS)
     assert not torch.allclose(other.scores[1], result.scores[1])  # the query-gradient cache knows the prompts
     with pytest.raises(ValueError, match="conditioned on prompts"):
-        attributor.attribute(queries["image"], num_draws=DRAWS)
+        attributor.attribute(queries["image"], draws_per_query=DRAWS)
 
 
 def test_conditional_latent_factors_do_not_depend_on_the_batch_size(pipelines, train):
@@ -356,7 +357,7 @@ def test_lora_attributes_only_the_adapter(workdir, train, queries):
     # as many parameters as PEFT holds for the adapter and the shipped weights file has (LoRA layers have no bias)
     from peft.utils import get_peft_model_state_dict
 
-    attributed = sum(math.prod(shape) for shape in factors.config["shapes"].values())
+    attributed = sum(math.prod(shape) for shape in factors.metadata.shapes.values())
     peft_count = sum(
         value.numel() for value in get_peft_model_state_dict(task.denoiser, adapter_name="default_0").values()
     )

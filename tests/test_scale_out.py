@@ -79,7 +79,7 @@ def test_streamed_files_fit_the_factors_of_the_in_memory_dataset(tmp_path, write
     task = _task()
     expected = hfi.fit_factors(task, dataset, KFAC)
     actual = hfi.fit_factors(task, streamed, KFAC)
-    assert actual.config["num_draws"] == expected.config["num_draws"] == 24
+    assert actual.metadata.total_draws == expected.metadata.total_draws == 24
     for name in _covariances(expected):
         torch.testing.assert_close(actual.tensors[name], expected.tensors[name], rtol=1e-10, atol=1e-14)
 
@@ -126,7 +126,7 @@ def test_two_processes_resume_to_the_factors_of_one(tmp_path, strategy, crash_af
     task = _task()
     single = hfi.fit_factors(task, mnist_dataset(RESUME_EXAMPLES, 8), dataclasses.replace(KFAC, strategy=strategy))
     resumed = hfi.InfluenceFactors.from_pretrained(tmp_path / "factors", task=task)
-    assert resumed.config["num_draws"] == single.config["num_draws"] == RESUME_EXAMPLES * 2
+    assert resumed.metadata.total_draws == single.metadata.total_draws == RESUME_EXAMPLES * 2
     assert resumed.tensors.keys() == single.tensors.keys()
     compared = _covariances(single)
     if strategy == "kfac":  # EK-FAC's corrected eigenvalues depend on the eigenbasis rounding picks

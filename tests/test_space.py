@@ -245,7 +245,7 @@ def test_class_conditional_pipeline_generates_and_attributes_with_its_label(tmp_
     digits = digit_dataset(12)
     task = hfi.DiffusionTask.from_pipeline(pipeline, label_column="label")
     factors = hfi.fit_factors(task, digits, hfi.FactorConfig(draws_per_example=1))
-    index = hfi.build_index(task, digits, hfi.IndexConfig(num_draws=1), output_dir=tmp_path / "index")
+    index = hfi.build_index(task, digits, hfi.IndexConfig(draws_per_example=1), output_dir=tmp_path / "index")
     # guidance 1: the tiny DiT has no null class at DiTPipeline's id 1000.
     config = ExplorerConfig("dit", "factors", "index", "digits", conditioning="labels", top_k=3, guidance_scale=1.0)
     explorer = InfluenceExplorer(pipeline, hfi.Attributor(task, factors, index), digits, config)

@@ -15,20 +15,21 @@ same for any model, draw count or feature scale.
 
 from __future__ import annotations
 
-import hashlib
 import math
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import InitVar, dataclass
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from ..curvature.layers import find_layers
-from ..data import dataset_length, iter_example_batches
-from ..gradients import GradientPlan, LayerGradients, per_example_gradients
+from ..deprecation import renamed_argument
+from ..engine import DrawPlan, dataset_batches
+from ..gradients import LayerGradients, per_example_gradients
 from ..measurements import Loss, SquareNorm
+from ..seeding import seeded_generator
 from ..task import DiffusionTask
+from ..validation import check_choice, check_float, check_int
 
 OUTPUT_FUNCTIONS = {"loss": Loss, "square_norm": SquareNorm}
 
@@ -41,7 +42,7 @@ class TRAKConfig:
         output_function: "loss" (TRAK: training loss on both sides) or "square_norm" (D-TRAK: mean of
             the squared denoiser output on both sides).
         projection_dim: dimension k of the Gaussian projection of each gradient.
-        num_draws: (t, ε) draws averaged per example, on both sides.
+        draws_per_example: (t, ε) draws averaged per example, on both sides (training examples and queries).
         damping: λ relative to the mean eigenvalue of the kernel: `(ΦᵀΦ + damping · tr(ΦᵀΦ)/k · I)⁻¹`.
         seed: seeds the projection and every draw (with each example's id).
         batch_size: draws per forward/backward pass.
@@ -53,7 +54,7 @@ class TRAKConfig:
 
     output_function: str = "loss"
     projection_dim: int = 2048
-    num_draws: int = 100
+    draws_per_example: int = 100
     damping: float = 1e-3
     seed: int = 0
     batch_size: int = 64
@@ -61,15 +62,15 @@ class TRAKConfig:
     module_filter: str | None = None
     id_column: str = "id"
 
-    def __post_init__(self) -> None:
-        if self.output_function not in OUTPUT_FUNCTIONS:
-            raise ValueError(
-                f"TRAKConfig.output_function must be one of {sorted(OUTPUT_FUNCTIONS)}, got {self.output_function!r}."
-            )
-        if min(self.projection_dim, self.num_draws, self.batch_size, self.examples_per_projection) < 1:
-            raise ValueError("projection_dim, num_draws, batch_size and examples_per_projection must be at least 1.")
-        if self.damping < 0:
-            raise ValueError(f"damping must be non-negative, got {self.damping}.")
+    num_draws: InitVar[int | None] = None  # deprecated name of draws_per_example
+
+    def __post_init__(self, num_draws: int | None) -> None:
+        draws = renamed_argument("TRAKConfig(num_draws=...)", num_draws, "draws_per_example", self.draws_per_example, 4)
+        self.draws_per_example = draws
+        check_choice("TRAKConfig.output_function", self.output_function, sorted(OUTPUT_FUNCTIONS))
+        for name in ("projection_dim", "draws_per_example", "batch_size", "examples_per_projection"):
+            setattr(self, name, check_int(f"TRAKConfig.{name}", getattr(self, name), minimum=1))
+        self.damping = check_float("TRAKConfig.damping", self.damping, minimum=0)
 
 
 class GaussianProjection:
@@ -85,8 +86,7 @@ class GaussianProjection:
 
     def blocks(self, name: str, rows: int) -> Iterable[tuple[slice, torch.Tensor]]:
         """(row range, block of P_l) for a layer with `rows` gradient entries."""
-        digest = hashlib.blake2b(f"{self.seed}/trak-projection/{name}".encode(), digest_size=8).digest()
-        generator = torch.Generator().manual_seed(int.from_bytes(digest, "little") & ((1 << 63) - 1))
+        generator = seeded_generator(self.seed, "trak-projection", name)
         for start in range(0, rows, self.BLOCK_ROWS):
             stop = min(start + self.BLOCK_ROWS, rows)
             yield slice(start, stop), torch.randn(stop - start, self.dim, generator=generator) / math.sqrt(self.dim)
@@ -122,13 +122,11 @@ class TRAK:
         self.projection = GaussianProjection(self.config.projection_dim, self.config.seed)
         objective = OUTPUT_FUNCTIONS[self.config.output_function]()
         c = self.config
-        self.train_plan = GradientPlan(objective, c.num_draws, c.seed, "train", c.batch_size, augment=True)
-        self.query_plan = GradientPlan(objective, c.num_draws, c.seed, "query", c.batch_size)
+        self.train_plan = DrawPlan(objective, c.draws_per_example, c.seed, "train", c.batch_size, augment=True)
+        self.query_plan = DrawPlan(objective, c.draws_per_example, c.seed, "query", c.batch_size)
         features, ids = [], []
-        length = dataset_length(train_dataset)
-        total = math.ceil(length / c.examples_per_projection) if length else None
-        batches = iter_example_batches(train_dataset, task, c.examples_per_projection, c.id_column)
-        for batch in tqdm(batches, total=total, desc="TRAK features", unit="batch"):
+        batches = dataset_batches(train_dataset, task, c.examples_per_projection, c.id_column, "TRAK features")
+        for batch in batches:
             features.append(self._features(batch.samples, batch.ids, self.train_plan))
             ids.extend(batch.ids)
         self.train_features = torch.cat(features)  # (N, k) fp64
@@ -137,7 +135,7 @@ class TRAK:
         self.kernel_eigenvalues, self.kernel_eigenvectors = torch.linalg.eigh((kernel + kernel.T) / 2)
         self.kernel_scale = kernel.trace().item() / c.projection_dim
 
-    def _features(self, samples: Any, ids: list[Any], plan: GradientPlan) -> torch.Tensor:
+    def _features(self, samples: Any, ids: list[Any], plan: DrawPlan) -> torch.Tensor:
         gradients = per_example_gradients(self.task, self.layers, samples, ids, plan)
         return self.projection.project(gradients)
 
@@ -153,9 +151,7 @@ class TRAK:
 
     def scores_from_features(self, query_features: torch.Tensor, damping: float | None = None) -> torch.Tensor:
         """`(Q, N)` fp64 scores `φ_q (ΦᵀΦ + λ I)⁻¹ Φᵀ` with λ = damping · tr(ΦᵀΦ)/k."""
-        damping = self.config.damping if damping is None else damping
-        if damping < 0:
-            raise ValueError(f"damping must be non-negative, got {damping}.")
+        damping = self.config.damping if damping is None else check_float("damping", damping, minimum=0)
         absolute = damping * self.kernel_scale
         inverse = 1.0 / (self.kernel_eigenvalues + absolute)
         if not torch.isfinite(inverse).all():

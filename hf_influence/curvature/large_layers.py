@@ -27,8 +27,6 @@ from __future__ import annotations
 
 import torch
 
-Layer = dict[str, torch.Tensor]
-
 
 def activation_rank(d_in: int, max_factor_size: int | None, rank: int) -> int:
     """The number of activation eigenvectors kept for a layer: all of them, unless `d_in > max_factor_size`."""
@@ -47,17 +45,6 @@ def truncate(values: torch.Tensor, vectors: torch.Tensor, rank: int) -> tuple[to
     discarded = values[: size - rank]
     residual = discarded.double().mean() if len(discarded) else values.new_zeros((), dtype=torch.float64)
     return values[size - rank :].flip(0), vectors[:, size - rank :].flip(1), residual.reshape(1).to(values.dtype)
-
-
-def is_truncated(layer: Layer) -> bool:
-    return "residual_eigenvalues" in layer or "activation_residual_eigenvalue" in layer
-
-
-def residual_eigenvalues(layer: Layer) -> torch.Tensor:
-    """The eigenvalue (d_out,) shared by every direction of the activation complement, per gradient direction."""
-    if "residual_eigenvalues" in layer:
-        return layer["residual_eigenvalues"]
-    return layer["gradient_eigenvalues"] * layer["activation_residual_eigenvalue"]
 
 
 def complement(rotated: torch.Tensor, q_a: torch.Tensor, top: torch.Tensor) -> torch.Tensor:

@@ -9,7 +9,7 @@
 * `top_k_removal`: retraining without each query's top-k examples, against removing k random ones.
 """
 
-from .ground_truth import GroundTruth, build_ground_truth, measure, measure_models
+from .ground_truth import GroundTruth, GroundTruthProtocol, build_ground_truth, measure, measure_models
 from .lds import LDSResult, exact_retraining_ceiling, lds, predicted_changes, spearman
 from .retraining import RetrainedModel, retrain_subsets, retrain_without
 from .subsets import random_subsets
@@ -17,6 +17,7 @@ from .top_k_removal import TopKRemovalResult, top_k_removal
 
 __all__ = [
     "GroundTruth",
+    "GroundTruthProtocol",
     "LDSResult",
     "RetrainedModel",
     "TopKRemovalResult",

@@ -12,26 +12,26 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from ..data import draw_chunks
-from ..files import atomic_write, atomic_write_text, read_config
+from ..artifacts import Artifact, ArtifactFiles
+from ..deprecation import renamed_argument
+from ..engine import DrawPlan, run_draws
+from ..files import atomic_write, atomic_write_text
 from ..measurements import Measurement, get_measurement
 from ..task import DiffusionTask
+from ..tensor_files import read_safetensors
 from ..training import TrainConfig
+from ..validation import check_int
 from .retraining import RetrainedModel, retrain_subsets
 
-FORMAT = "hf_influence.ground_truth"
-FORMAT_VERSION = 1
-CONFIG_NAME = "config.json"
 TENSORS_NAME = "ground_truth.safetensors"
-CARD_NAME = "README.md"
 GROUND_TRUTH_STREAM = "ground-truth"
 MEASUREMENT_CACHE = "measurements"  # folder in each retrained model's directory
 
@@ -40,14 +40,15 @@ def measure(
     task: DiffusionTask,
     queries: Any,
     measurement: str | Measurement = "loss",
-    num_draws: int = 1000,
+    draws_per_query: int = 1000,
     seed: int = 0,
     batch_size: int = 256,
     query_ids: Sequence[Any] | None = None,
+    num_draws: int | None = None,
 ) -> torch.Tensor:
     """`(Q,)` fp64 measurements of `queries` (generated images of an unconditional pipeline), each averaged
-    over `num_draws` draws seeded by (seed, query id); query ids default to positions. Eval mode, no
-    augmentation."""
+    over `draws_per_query` draws seeded by (seed, query id); query ids default to positions. Eval mode, no
+    augmentation. (`num_draws` is the deprecated name of `draws_per_query`.)"""
     measurement = get_measurement(measurement)
     samples = task.examples(queries)
     ids = list(range(len(samples))) if query_ids is None else list(query_ids)
@@ -55,30 +56,24 @@ def measure(
         raise ValueError(f"{len(ids)} query ids were given for {len(samples)} queries.")
     if len(set(ids)) != len(ids):
         raise ValueError("Query ids must be unique: queries with the same id would share their draws.")
-    if num_draws < 1 or batch_size < 1:
-        raise ValueError("num_draws and batch_size must be at least 1.")
+    draws_per_query = renamed_argument("num_draws", num_draws, "draws_per_query", draws_per_query)
+    draws_per_query = check_int("draws_per_query", draws_per_query, minimum=1)
+    batch_size = check_int("batch_size", batch_size, minimum=1)
+    plan = DrawPlan(measurement, draws_per_query, seed, GROUND_TRUTH_STREAM, batch_size, timestep=measurement.timestep)
     totals = torch.zeros(len(samples), dtype=torch.float64)
-    with task.eval_mode(), torch.no_grad():
-        for examples, rows in draw_chunks(len(samples), num_draws, batch_size):
-            output, _ = task.run(
-                samples[examples],
-                ids[examples],
-                num_draws,
-                rows,
-                seed,
-                GROUND_TRUTH_STREAM,
-                False,
-                measurement.timestep,
-            )
-            values = measurement(task, output).to("cpu", torch.float64)
-            totals[examples] += values.view(examples.stop - examples.start, -1).sum(dim=1)
-    return totals / num_draws
+
+    def accumulate(rows: slice, output: Any, draws: Any) -> None:
+        values = plan.values(task, output, ids[rows]).to("cpu", torch.float64)
+        totals[rows] += values.view(rows.stop - rows.start, -1).sum(dim=1)
+
+    run_draws(task, samples, ids, plan, accumulate, grad=False)
+    return totals / draws_per_query
 
 
-def _measurement_key(samples: torch.Tensor, measurement: Measurement, num_draws: int, seed: int, ids: list) -> str:
+def _measurement_key(samples: torch.Tensor, key: Any, draws: int, seed: int, ids: list) -> str:
     digest = hashlib.blake2b(digest_size=12)
     digest.update(samples.contiguous().numpy().tobytes())
-    digest.update(repr((repr(measurement), measurement.timestep, num_draws, seed, [str(i) for i in ids])).encode())
+    digest.update(repr((key, draws, seed, [str(i) for i in ids])).encode())
     return digest.hexdigest()
 
 
@@ -93,39 +88,88 @@ def measure_models(
     models: Sequence[RetrainedModel | str | Path],
     queries: Any,
     measurement: str | Measurement = "loss",
-    num_draws: int = 1000,
+    draws_per_query: int = 1000,
     seed: int = 0,
     batch_size: int = 256,
     query_ids: Sequence[Any] | None = None,
+    num_draws: int | None = None,
 ) -> torch.Tensor:
-    """`(len(models), Q)` measurements of saved pipelines, with common random numbers.
+    """`(len(models), Q)` measurements of saved pipelines, with common random numbers (`num_draws`: the deprecated
+    name of `draws_per_query`).
 
     Each model's result is cached in its folder (measurements/<key>.json, keyed by the queries, the
-    measurement and the draws), so measuring again, or after adding models, costs nothing."""
+    measurement's `cache_key()` and the draws), so measuring again, or after adding models, costs nothing;
+    a measurement without a cache key is measured every time."""
     measurement = get_measurement(measurement)
-    samples = None
-    rows = []
+    draws_per_query = renamed_argument("num_draws", num_draws, "draws_per_query", draws_per_query)
+    samples, key, rows = None, None, []
     for model in tqdm(models, desc="Measuring models", unit="model"):
         path = Path(model.path if isinstance(model, RetrainedModel) else model)
         task = load_model_task(path)
         if samples is None:
             samples = task.preprocess(queries)
             ids = list(range(len(samples))) if query_ids is None else list(query_ids)
-            key = _measurement_key(samples, measurement, num_draws, seed, ids)
-        cached = path / MEASUREMENT_CACHE / f"{key}.json"
-        if cached.is_file():
+            if measurement.cache_key() is not None:
+                key = _measurement_key(samples, measurement.cache_key(), draws_per_query, seed, ids)
+        cached = None if key is None else path / MEASUREMENT_CACHE / f"{key}.json"
+        if cached is not None and cached.is_file():
             rows.append(torch.tensor(json.loads(cached.read_text())["values"], dtype=torch.float64))
             continue
-        values = measure(task, samples, measurement, num_draws, seed, batch_size, ids)
-        cached.parent.mkdir(exist_ok=True)
-        record = json.dumps({"measurement": repr(measurement), "num_draws": num_draws, "values": values.tolist()})
-        atomic_write_text(cached, record)
+        values = measure(task, samples, measurement, draws_per_query, seed, batch_size, ids)
+        if cached is not None:
+            cached.parent.mkdir(exist_ok=True)
+            record = {"measurement": repr(measurement), "draws_per_query": draws_per_query, "values": values.tolist()}
+            atomic_write_text(cached, json.dumps(record))
         rows.append(values)
     return torch.stack(rows)
 
 
+@dataclass(frozen=True)
+class GroundTruthProtocol:
+    """How an LDS ground truth was made (what its card states, so others can compare numbers).
+
+    Attributes:
+        alpha: the fraction of the training set each subset keeps.
+        seeds: the training seeds every subset was retrained with.
+        measurement: the measurement of the queries on every retrained model ("loss", ...).
+        draws_per_query: the common (t, ε) draws each measurement averages.
+        draw_seed: seeds those draws (with each query's id).
+        subset_seed: seeds the subsets (`random_subsets`), when they were drawn by it.
+        measurement_timestep: the fixed timestep of a `LossAtTime` measurement, else None.
+        train_config: the `TrainConfig` of the retrained models, as JSON values.
+        dataset: the training set, in words or as a Hub id.
+        extra: anything else the maker recorded.
+    """
+
+    alpha: float
+    seeds: tuple[int, ...] = ()
+    measurement: str = "loss"
+    draws_per_query: int | None = None
+    draw_seed: int = 0
+    subset_seed: int | None = None
+    measurement_timestep: int | None = None
+    train_config: dict[str, Any] = field(default_factory=dict)
+    dataset: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _migrate_v1(config: dict[str, Any]) -> dict[str, Any]:
+    """Format version 1 → 2: `num_draws` is named `draws_per_query`, keys outside the protocol move to `extra`,
+    and the tensors file gets a record (version 1 recorded none)."""
+    config = dict(config)
+    if "num_draws" in config:
+        config["draws_per_query"] = config.pop("num_draws")
+    known = {"alpha", "seeds", "measurement", "draws_per_query", "draw_seed", "subset_seed", "measurement_timestep"}
+    known |= {"train_config", "dataset", "format", "format_version", "library_version"}
+    config["extra"] = {key: config.pop(key) for key in list(config) if key not in known}
+    if not isinstance(config.get("dataset"), (str, type(None))):
+        config["extra"]["dataset"] = config.pop("dataset")
+    config["files"] = {TENSORS_NAME: {"size": None, "blake2b": None}}
+    return config
+
+
 @dataclass
-class GroundTruth:
+class GroundTruth(Artifact):
     """The LDS ground truth: which examples each subset kept, and every retrained model's measurements.
 
     Attributes:
@@ -133,13 +177,21 @@ class GroundTruth:
             the training set, the order of the score matrices' columns).
         measurements: (S, R, Q) fp64, query q measured on the model of subset k and training seed r.
         queries: (Q, C, H, W) the query images in [-1, 1], so scores can be recomputed, or None.
-        config: JSON metadata: α, subset and training seeds, measurement, draws, training config, ids.
+        protocol: how it was made (α, seeds, measurement, draws, training config).
     """
+
+    FORMAT = "hf_influence.ground_truth"
+    FORMAT_VERSION = 2
+    REPO_TYPE = "dataset"
+    DESCRIPTION = "LDS ground truth"
+    METADATA = GroundTruthProtocol
+    DATA_FILES = (TENSORS_NAME,)
+    MIGRATIONS: ClassVar[dict] = {1: _migrate_v1}
 
     subsets: torch.Tensor
     measurements: torch.Tensor
     queries: torch.Tensor | None
-    config: dict[str, Any]
+    protocol: GroundTruthProtocol
 
     def __post_init__(self) -> None:
         if self.subsets.dim() != 2 or self.subsets.dtype != torch.bool:
@@ -150,6 +202,12 @@ class GroundTruth:
             )
         if self.queries is not None and len(self.queries) != self.num_queries:
             raise ValueError(f"{len(self.queries)} query images for {self.num_queries} measured queries.")
+        if not isinstance(self.protocol, GroundTruthProtocol):
+            raise TypeError(f"protocol must be a GroundTruthProtocol, got {type(self.protocol).__name__}.")
+
+    @property
+    def metadata(self) -> GroundTruthProtocol:
+        return self.protocol
 
     @property
     def num_subsets(self) -> int:
@@ -171,85 +229,34 @@ class GroundTruth:
         """(S, Q): each subset's measurement averaged over training seeds."""
         return self.measurements.mean(dim=1)
 
-    # ------------------------------------------------------------------ files and the Hub
+    # ------------------------------------------------------------------ files and the Hub (see Artifact)
 
-    def save_pretrained(self, directory: str | Path) -> None:
-        """Write config.json, ground_truth.safetensors and a dataset card (each atomically)."""
-        from .. import __version__
-
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
+    def _write_data(self, directory: Path, staging: bool = False) -> tuple[list[str], GroundTruthProtocol]:
         tensors = {"subsets": self.subsets.to(torch.uint8), "measurements": self.measurements.to(torch.float64)}
         if self.queries is not None:
             tensors["queries"] = self.queries.to(torch.float32).contiguous()
-        config = {"format": FORMAT, "format_version": FORMAT_VERSION, "library_version": __version__, **self.config}
-        atomic_write(directory / TENSORS_NAME, lambda temp: save_file(tensors, temp, metadata={"format": FORMAT}))
-        atomic_write_text(directory / CONFIG_NAME, json.dumps(config, indent=2))
-        atomic_write_text(directory / CARD_NAME, self._card())
+        atomic_write(directory / TENSORS_NAME, lambda temp: save_file(tensors, temp, metadata={"format": self.FORMAT}))
+        return [TENSORS_NAME], self.protocol
 
     @classmethod
-    def from_pretrained(
-        cls, path_or_repo_id: str | Path, revision: str | None = None, token: str | bool | None = None
-    ) -> GroundTruth:
-        """Load a saved folder, or a Hub dataset repo pushed with `push_to_hub`."""
-        directory = Path(path_or_repo_id)
-        if not directory.is_dir():
-            from huggingface_hub import snapshot_download
+    def _read(cls, files: ArtifactFiles, metadata: GroundTruthProtocol) -> GroundTruth:
+        tensors = read_safetensors(files.path(TENSORS_NAME))
+        return cls(tensors["subsets"].to(torch.bool), tensors["measurements"], tensors.get("queries"), metadata)
 
-            directory = Path(
-                snapshot_download(
-                    str(path_or_repo_id),
-                    repo_type="dataset",
-                    revision=revision,
-                    token=token,
-                    allow_patterns=[CONFIG_NAME, TENSORS_NAME],
-                    library_name="hf_influence",
-                )
-            )
-        config = read_config(directory, FORMAT, FORMAT_VERSION, "LDS ground truth")
-        if not (directory / TENSORS_NAME).is_file():
-            raise FileNotFoundError(f"{directory} has no {TENSORS_NAME}: the ground-truth folder is incomplete.")
-        tensors = load_file(str(directory / TENSORS_NAME))
-        meta = {key: value for key, value in config.items() if key not in ("format", "format_version")}
-        return cls(
-            subsets=tensors["subsets"].to(torch.bool),
-            measurements=tensors["measurements"],
-            queries=tensors.get("queries"),
-            config=meta,
-        )
-
-    def push_to_hub(
-        self,
-        repo_id: str,
-        private: bool | None = None,
-        token: str | bool | None = None,
-        commit_message: str = "Upload LDS ground truth",
-    ) -> Any:
-        """Push the saved files to a Hub dataset repo (created if needed); returns the commit info."""
-        import tempfile
-
-        from huggingface_hub import HfApi
-
-        api = HfApi(token=token)
-        api.create_repo(repo_id, repo_type="dataset", private=private, exist_ok=True)
-        with tempfile.TemporaryDirectory() as folder:
-            self.save_pretrained(folder)
-            return api.upload_folder(
-                repo_id=repo_id, folder_path=folder, repo_type="dataset", commit_message=commit_message
-            )
-
-    def _card(self) -> str:
+    def _card(self, metadata: GroundTruthProtocol, repo_id: str | None) -> str:
         return (
             "---\ntags:\n- hf_influence\n- data-attribution\n- linear-datamodelling-score\n---\n\n"
             "# LDS ground truth\n\n"
-            f"{self.num_subsets} random training subsets (α = {self.config.get('alpha')}), each retrained with "
-            f"{self.num_seeds} seed(s), and the `{self.config.get('measurement')}` measurement of {self.num_queries} "
-            f"generated queries on every retrained model ({self.config.get('num_draws')} common (t, ε) draws per "
-            f"query). Training set: {self.num_examples} examples.\n\n"
+            f"{self.num_subsets} random training subsets (α = {metadata.alpha}), each retrained with "
+            f"{self.num_seeds} seed(s), and the `{metadata.measurement}` measurement of {self.num_queries} "
+            f"generated queries on every retrained model ({metadata.draws_per_query} common (t, ε) draws per "
+            f"query). Training set: {self.num_examples} examples"
+            + (f" ({metadata.dataset})" if metadata.dataset else "")
+            + ".\n\n"
             "Evaluate a `[queries, train examples]` score matrix (positive = removing the example is predicted "
             "to increase the measurement):\n\n"
             "```python\nfrom hf_influence.evaluation import GroundTruth, lds\n\n"
-            "ground_truth = GroundTruth.from_pretrained(REPO_ID)\n"
+            f"ground_truth = GroundTruth.from_pretrained({(repo_id or 'REPO_ID')!r})\n"
             "result = lds(scores, ground_truth)   # result.mean, result.stderr, result.per_query\n```\n"
         )
 
@@ -262,32 +269,35 @@ def build_ground_truth(
     seeds: Sequence[int],
     output_dir: str | Path,
     measurement: str | Measurement = "loss",
-    num_draws: int = 1000,
+    draws_per_query: int = 1000,
     draw_seed: int = 0,
     batch_size: int = 256,
     metadata: dict[str, Any] | None = None,
+    num_draws: int | None = None,
 ) -> GroundTruth:
     """Retrain every (subset, seed) model not yet trained in output_dir/models, measure every query on
-    every model with common random numbers, and save the GroundTruth to output_dir/ground_truth."""
+    every model with common random numbers, and save the GroundTruth to output_dir/ground_truth
+    (`metadata`: anything else to record in its protocol; `num_draws`: the deprecated `draws_per_query`)."""
+    draws_per_query = renamed_argument("num_draws", num_draws, "draws_per_query", draws_per_query)
     output_dir = Path(output_dir)
     models = retrain_subsets(dataset, config, subsets, seeds, output_dir / "models")
     measurement = get_measurement(measurement)
-    values = measure_models(models, queries, measurement, num_draws, draw_seed, batch_size)
+    values = measure_models(models, queries, measurement, draws_per_query, draw_seed, batch_size)
     samples = load_model_task(models[0].path).preprocess(queries)
     ground_truth = GroundTruth(
         subsets=subsets.clone(),
         measurements=values.view(len(subsets), len(seeds), -1),
         queries=samples,
-        config={
-            "alpha": subsets[0].float().mean().item(),
-            "seeds": list(seeds),
-            "measurement": measurement.name,
-            "measurement_timestep": measurement.timestep,
-            "num_draws": num_draws,
-            "draw_seed": draw_seed,
-            "train_config": asdict(config),
-            **(metadata or {}),
-        },
+        protocol=GroundTruthProtocol(
+            alpha=subsets[0].float().mean().item(),
+            seeds=tuple(seeds),
+            measurement=measurement.name,
+            draws_per_query=draws_per_query,
+            draw_seed=draw_seed,
+            measurement_timestep=measurement.timestep,
+            train_config=json.loads(json.dumps(asdict(config))),
+            extra=dict(metadata or {}),
+        ),
     )
     ground_truth.save_pretrained(output_dir / "ground_truth")
     return ground_truth

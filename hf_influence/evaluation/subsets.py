@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ..task import example_generator
+from ..seeding import seeded_generator
 
 
 def random_subsets(num_examples: int, alpha: float = 0.5, count: int = 100, seed: int = 0) -> torch.Tensor:
@@ -24,6 +24,6 @@ def random_subsets(num_examples: int, alpha: float = 0.5, count: int = 100, seed
         raise ValueError(f"alpha={alpha} of {num_examples} examples keeps {kept}: nothing or everything.")
     masks = torch.zeros(count, num_examples, dtype=torch.bool)
     for subset in range(count):
-        order = torch.randperm(num_examples, generator=example_generator(seed, "lds-subsets", subset))
+        order = torch.randperm(num_examples, generator=seeded_generator(seed, "lds-subsets", subset))
         masks[subset, order[:kept]] = True
     return masks

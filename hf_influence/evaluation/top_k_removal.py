@@ -16,8 +16,9 @@ from typing import Any
 
 import torch
 
+from ..deprecation import renamed_argument
 from ..measurements import Measurement, get_measurement
-from ..task import example_generator
+from ..seeding import seeded_generator
 from ..training import TrainConfig
 from .ground_truth import load_model_task, measure, measure_models
 from .retraining import RetrainedModel, train_models
@@ -64,7 +65,7 @@ def removed_examples(scores: torch.Tensor | None, query: int, k: int, num_exampl
     if not 0 < k < num_examples:
         raise ValueError(f"k must be between 1 and {num_examples - 1}, got {k}.")
     if scores is None:
-        order = torch.randperm(num_examples, generator=example_generator(seed, "random-removal", query))
+        order = torch.randperm(num_examples, generator=seeded_generator(seed, "random-removal", query))
         return sorted(order[:k].tolist())
     if scores.dim() != 2 or scores.shape[1] != num_examples:
         raise ValueError(f"scores must be (queries, {num_examples}), got {tuple(scores.shape)}.")
@@ -97,27 +98,30 @@ def top_k_removal(
     seeds: Sequence[int] = (0,),
     method: str = "scores",
     measurement: str | Measurement = "loss",
-    num_draws: int = 1000,
+    draws_per_query: int = 1000,
     draw_seed: int = 0,
     batch_size: int = 256,
     random_seed: int = 0,
+    num_draws: int | None = None,
 ) -> TopKRemovalResult:
     """Retrain without the top-k examples of `scores` (or k random ones with scores=None) for each query in
     `query_indices` (default: all), then measure each query on its models and on `full_model` (trained on
-    all of `dataset` with `config`), with the same common random numbers as the LDS ground truth."""
+    all of `dataset` with `config`), with the same common random numbers as the LDS ground truth
+    (`num_draws`: the deprecated name of `draws_per_query`)."""
+    draws_per_query = renamed_argument("num_draws", num_draws, "draws_per_query", draws_per_query)
     measurement = get_measurement(measurement)
     samples = load_model_task(full_model).preprocess(queries)
     indices = list(range(len(samples))) if query_indices is None else [int(q) for q in query_indices]
     removed = [removed_examples(scores, q, k, len(dataset), random_seed) for q in indices]
     models = removal_models(removed, len(dataset), seeds, output_dir)
     train_models(dataset, config, [model for per_query in models for model in per_query])
-    full = measure_models([full_model], samples, measurement, num_draws, draw_seed, batch_size)[0]
+    full = measure_models([full_model], samples, measurement, draws_per_query, draw_seed, batch_size)[0]
     retrained = torch.zeros(len(indices), len(seeds), dtype=torch.float64)
     for row, (query, per_query) in enumerate(zip(indices, models, strict=True)):
         for column, model in enumerate(per_query):
             task = load_model_task(model.path)
             retrained[row, column] = measure(
-                task, samples[query : query + 1], measurement, num_draws, draw_seed, batch_size, query_ids=[query]
+                task, samples[query : query + 1], measurement, draws_per_query, draw_seed, batch_size, query_ids=[query]
             )[0]
     return TopKRemovalResult(
         method=RANDOM if scores is None else method,

@@ -1,4 +1,4 @@
-"""K-FAC and EK-FAC statistics (`method.md` §3.2–3.4).
+"""K-FAC and EK-FAC statistics: the sums over draws that fitting accumulates (`method.md` §3.2–3.4).
 
 Per layer and with `S` draws, K-FAC approximates the GGN weight block by `G ⊗ A`:
 
@@ -19,9 +19,11 @@ import torch
 from torch import nn
 
 from .large_layers import complement
+from .layer_factors import LayerFactors
 from .layers import LayerKind, layer_kind
 
 APPROXIMATIONS = ("expand", "reduce")
+SumOverRanks = Callable[[torch.Tensor], torch.Tensor]  # a tensor summed over every process of a job
 # Per-draw rotated gradients are formed in chunks of at most this many elements.
 _CHUNK_ELEMENTS = 1 << 25
 
@@ -54,6 +56,11 @@ class CovarianceAccumulator:
         """The running sums, for checkpoints."""
         return _prefixed(activation=self.activation, gradient=self.gradient)
 
+    def pop_normalised(self, name: str, total_draws: int, total: SumOverRanks) -> tuple[torch.Tensor, torch.Tensor]:
+        """One layer's `(A, G)` per draw — the sums of every process (`total`) over the draws of all of them —
+        releasing the layer's running sums."""
+        return total(self.activation.pop(name)) / total_draws, total(self.gradient.pop(name)) / total_draws
+
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         _load_prefixed(state, activation=self.activation, gradient=self.gradient)
 
@@ -79,20 +86,14 @@ class CovarianceAccumulator:
 class EigenvalueCorrectionAccumulator:
     """Sums the squared per-draw gradients in the K-FAC eigenbasis: EK-FAC's corrected eigenvalues."""
 
-    def __init__(
-        self,
-        layers: dict[str, nn.Module],
-        activation_eigenvectors: dict[str, torch.Tensor],
-        gradient_eigenvectors: dict[str, torch.Tensor],
-        dtype: torch.dtype,
-    ) -> None:
-        self.activation_eigenvectors = activation_eigenvectors
-        self.gradient_eigenvectors = gradient_eigenvectors
+    def __init__(self, layers: dict[str, nn.Module], factors: dict[str, LayerFactors], dtype: torch.dtype) -> None:
+        self.activation_eigenvectors = {name: factors[name].activation_eigenvectors for name in layers}
+        self.gradient_eigenvectors = {name: factors[name].gradient_eigenvectors for name in layers}
         self.dtype = dtype
         shapes = _shapes(layers)
         # A truncated activation basis (large_layers.py) keeps k < d_in eigenvectors: k corrected columns,
         # plus one sum per gradient direction for the energy in the complement.
-        ranks = {name: activation_eigenvectors[name].shape[1] for name in layers}
+        ranks = {name: factors[name].rank for name in layers}
         self.weight = {name: _zeros(layers[name], (d_out, ranks[name]), dtype) for name, (d_out, _) in shapes.items()}
         self.bias = {
             name: _zeros(layers[name], (d_out,), dtype)
@@ -106,6 +107,16 @@ class EigenvalueCorrectionAccumulator:
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The running sums, for checkpoints."""
         return _prefixed(weight=self.weight, bias=self.bias, residual=self.residual)
+
+    def normalised(
+        self, name: str, total_draws: int, total: SumOverRanks
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """One layer's corrected eigenvalues per draw (weight block, bias block, truncated complement)."""
+
+        def mean(store: dict[str, torch.Tensor]) -> torch.Tensor | None:
+            return total(store[name]) / total_draws if name in store else None
+
+        return mean(self.weight), mean(self.bias), mean(self.residual)
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         _load_prefixed(state, weight=self.weight, bias=self.bias, residual=self.residual)
@@ -145,13 +156,6 @@ class EigenvalueCorrectionAccumulator:
             self.residual[name] += residual / (d_in - q_a.shape[1])
         if module.bias is not None:
             self.bias[name] += (bias_gradients @ q_g).pow(2).sum(dim=0)
-
-
-def eigendecompose(covariance: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Eigenvalues (clamped at 0) and eigenvectors of a covariance, in fp64 after symmetrising."""
-    matrix = covariance.to(torch.float64)
-    eigenvalues, eigenvectors = torch.linalg.eigh((matrix + matrix.T) / 2)
-    return eigenvalues.clamp_min(0).to(covariance.dtype), eigenvectors.to(covariance.dtype)
 
 
 def _shapes(layers: dict[str, nn.Module]) -> dict[str, tuple[int, int]]:

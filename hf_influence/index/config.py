@@ -1,0 +1,113 @@
+"""What a gradient index is built with (`IndexConfig`) and what its config.json records (`IndexMetadata`)."""
+
+from __future__ import annotations
+
+from dataclasses import InitVar, dataclass, field
+from typing import Any
+
+from ..compression import COMPRESSIONS
+from ..deprecation import renamed_argument
+from ..provenance import DatasetSource, ModelProvenance
+from ..validation import check_choice, check_int, check_regex, check_str
+
+QUANTIZE_BITS = (8,)
+
+
+@dataclass(frozen=True)
+class IndexConfig:
+    """How to build a gradient index.
+
+    Attributes:
+        draws_per_example: (t, ε) draws averaged into each training example's gradient (K); the paper uses 250.
+        batch_size: draws per forward/backward pass.
+        seed: seeds the draws (with each example's id) and the projections.
+        compression: "none" (exact), "svd" (rank `rank` per layer) or "projection" (Kronecker
+            Gaussian projection to `projection_dim` per side of each layer).
+        rank: the rank kept per layer and example by compression="svd".
+        projection_dim: the dimension each side of a layer is projected to by compression="projection".
+        quantize_bits: 8 to quantise whatever is stored to 8 bits per value; None keeps fp32.
+        shard_size: examples per shard (the unit of resumption and of streaming at query time).
+        max_shard_bytes: an upper bound on a shard file's size (fewer examples per shard when the
+            compressed gradients are large); None bounds shards by `shard_size` only.
+        module_filter: regex on layer names; must select the layers the factors were fitted on.
+        id_column: the dataset column with stable integer ids (row positions when missing).
+    """
+
+    draws_per_example: int = 250
+    batch_size: int = 64
+    seed: int = 0
+    compression: str = "none"
+    rank: int = 8
+    projection_dim: int = 16
+    quantize_bits: int | None = None
+    shard_size: int = 1024
+    max_shard_bytes: int | None = None
+    module_filter: str | None = None
+    id_column: str = "id"
+    num_draws: InitVar[int | None] = None  # deprecated name of draws_per_example
+
+    def __post_init__(self, num_draws: int | None) -> None:
+        draws = renamed_argument(
+            "IndexConfig(num_draws=...)", num_draws, "draws_per_example", self.draws_per_example, 5
+        )
+        object.__setattr__(self, "draws_per_example", draws)
+        for name in ("draws_per_example", "batch_size", "shard_size", "rank", "projection_dim"):
+            object.__setattr__(self, name, check_int(f"IndexConfig.{name}", getattr(self, name), minimum=1))
+        object.__setattr__(self, "seed", check_int("IndexConfig.seed", self.seed))
+        check_choice("IndexConfig.compression", self.compression, COMPRESSIONS)
+        if self.quantize_bits is not None:
+            check_choice("IndexConfig.quantize_bits", self.quantize_bits, QUANTIZE_BITS)
+        if self.max_shard_bytes is not None:
+            object.__setattr__(
+                self, "max_shard_bytes", check_int("IndexConfig.max_shard_bytes", self.max_shard_bytes, minimum=1)
+            )
+        check_regex("IndexConfig.module_filter", self.module_filter)
+        check_str("IndexConfig.id_column", self.id_column)
+
+
+@dataclass(frozen=True)
+class ShardRecord:
+    """One shard file and the number of examples it holds (its size and checksum are in the index's `files`)."""
+
+    file: str
+    num_examples: int
+
+
+@dataclass(frozen=True)
+class IndexMetadata:
+    """What config.json records about a gradient index, besides the files.
+
+    Attributes:
+        config: the IndexConfig it was built with (its fields stand at config.json's top level).
+        modules: the indexed layers' qualified names.
+        shapes: each layer's weight shape (d_out, d_in).
+        examples_per_shard: examples per shard (the last may hold fewer).
+        model: the pipeline and weights the gradients were taken on.
+        dataset: the training set they were taken on.
+        num_examples: the indexed examples.
+        shards: the shards in id order.
+    """
+
+    config: IndexConfig = field(metadata={"flatten": True})
+    modules: tuple[str, ...]
+    shapes: dict[str, tuple[int, int]]
+    examples_per_shard: int
+    model: ModelProvenance
+    dataset: DatasetSource
+    num_examples: int = 0
+    shards: tuple[ShardRecord, ...] = ()
+
+
+def migrate_v1(config: dict[str, Any]) -> dict[str, Any]:
+    """Format version 1 → 2: `num_draws` is named `draws_per_example`; shard sizes and checksums move to `files`;
+    fields added during version 1 get the values that indices without them meant."""
+    config = dict(config)
+    config["draws_per_example"] = config.pop("num_draws")
+    shards = config.pop("shards")
+    config["shards"] = [{"file": shard["file"], "num_examples": shard["num_examples"]} for shard in shards]
+    config["files"] = {shard["file"]: {"size": shard["size"], "blake2b": shard["blake2b"]} for shard in shards}
+    config.setdefault("examples_per_shard", config["shard_size"])
+    config.setdefault("max_shard_bytes", None)
+    config.setdefault("dataset", {"repo_id": None, "revision": None, "split": None, "id_column": config["id_column"]})
+    config["model"] = {"repo_id": None, "revision": None, **config["model"]}
+    return config

@@ -1,0 +1,139 @@
+"""`GradientIndex`: a finished index, read one shard at a time (from a local folder or a Hub repo).
+
+The paper's "continual deployment" setting: the index holds raw training-loss gradients (not preconditioned),
+so one index serves any damping and refitted factors; queries are preconditioned. Shards
+`index-0000k-of-0000n.safetensors` hold a contiguous block of examples and their `ids`.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+
+from ..artifacts import ArtifactFiles, ModelArtifact
+from ..cards import index_card
+from ..compression import Compressor, Stored, make_compressor
+from ..files import atomic_write
+from ..tensor_files import read_safetensors
+from .config import IndexMetadata, migrate_v1
+
+SHARD_PATTERN = "index-*.safetensors"
+
+
+class GradientIndex(ModelArtifact):
+    """Every training example's compressed gradient, with the metadata to use them safely."""
+
+    FORMAT = "hf_influence.index"
+    FORMAT_VERSION = 2
+    REPO_TYPE = "dataset"
+    DESCRIPTION = "gradient index"
+    METADATA = IndexMetadata
+    DATA_FILES = (SHARD_PATTERN,)
+    MIGRATIONS: ClassVar[dict] = {1: migrate_v1}
+
+    def __init__(self, files: ArtifactFiles, metadata: IndexMetadata) -> None:
+        self.files = files
+        self.metadata = metadata
+        shapes = {name: tuple(shape) for name, shape in metadata.shapes.items()}
+        config = metadata.config
+        self.compressor: Compressor = make_compressor(
+            config.compression, shapes, config.seed, config.rank, config.projection_dim, config.quantize_bits
+        )
+
+    def __len__(self) -> int:
+        return self.metadata.num_examples
+
+    def __repr__(self) -> str:
+        return f"GradientIndex({len(self)} examples, {self.metadata.config.compression}, {self.files.repo.describe()})"
+
+    @property
+    def config(self) -> Any:
+        """The IndexConfig it was built with."""
+        return self.metadata.config
+
+    @property
+    def modules(self) -> list[str]:
+        return list(self.metadata.modules)
+
+    @property
+    def directory(self) -> Path:
+        return self.files.directory
+
+    # ------------------------------------------------------------------ loading and saving
+
+    @classmethod
+    def _read(cls, files: ArtifactFiles, metadata: IndexMetadata) -> GradientIndex:
+        """From the Hub, every shard is downloaded now and its size checked, so a truncated download is refused
+        at once; each shard's checksum is verified the first time it is read."""
+        for shard in metadata.shards:
+            files.path(shard.file, verify=False)
+        return cls(files, metadata)
+
+    def _write_data(self, directory: Path, staging: bool = False) -> tuple[list[str], IndexMetadata]:
+        """Copy the shards (link them into a staging folder for upload: they can be large)."""
+        names = [shard.file for shard in self.metadata.shards]
+        if directory.resolve() != self.directory.resolve():
+            for name in names:
+                source = self.files.path(name, verify=False).resolve()
+                if staging:
+                    os.symlink(source, directory / name)
+                else:
+                    atomic_write(directory / name, lambda temp, source=source: shutil.copyfile(source, temp))
+        return names, self.metadata
+
+    def _card(self, metadata: IndexMetadata, repo_id: str | None) -> str:
+        return index_card(metadata, repo_id)
+
+    # ------------------------------------------------------------------ reading
+
+    def iter_shards(self) -> Iterator[tuple[torch.Tensor, dict[str, Stored]]]:
+        """(ids, {module: stored tensors}) per shard, one shard in memory at a time; a shard's checksum is verified
+        the first time this index reads it, so repeated queries cost no hashing."""
+        for shard in self.metadata.shards:
+            path = self.files.path(shard.file)
+            try:
+                tensors = read_safetensors(path)
+            except ValueError as error:
+                raise ValueError(f"Index shard {path} cannot be read: it is corrupt. ({error})") from error
+            yield tensors.pop("ids"), _split_modules(tensors, self.modules)
+
+    def scores(self, queries: dict[str, Stored]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Inner products `(Q, N)` of query-side forms (see `compression.py`) with every indexed
+        example, streamed shard by shard, and the examples' ids `(N,)`."""
+        columns, ids = [], []
+        for shard_ids, stored in self.iter_shards():
+            columns.append(sum(self.compressor.scores(name, queries[name], stored[name]) for name in queries))
+            ids.append(shard_ids)
+        return torch.cat(columns, dim=1).to(torch.float32), torch.cat(ids)
+
+    def ids(self) -> torch.Tensor:
+        return torch.cat([ids for ids, _ in self.iter_shards()])
+
+    def check_dataset(self, dataset: Iterable[dict[str, Any]]) -> None:
+        """Refuse a dataset whose ids are not the index's (another dataset, split or order)."""
+        id_column = self.config.id_column
+        rows = dataset.select_columns([id_column]) if hasattr(dataset, "select_columns") else dataset
+        dataset_ids = [row.get(id_column, position) for position, row in enumerate(rows)]
+        index_ids = self.ids().tolist()
+        if dataset_ids != index_ids:
+            missing = sorted(set(index_ids) - set(dataset_ids))[:5]
+            raise ValueError(
+                f"The dataset's ids do not match the index's ({len(dataset_ids)} rows vs {len(index_ids)} indexed"
+                + (f"; e.g. ids {missing} are not in the dataset" if missing else "; same ids, different order")
+                + "). Use the dataset the index was built from."
+            )
+
+
+def _split_modules(tensors: dict[str, torch.Tensor], modules: list[str]) -> dict[str, Stored]:
+    """Shard tensor names are `{module}.{key}`; module names contain dots, so match known modules."""
+    by_module: dict[str, Stored] = {module: {} for module in modules}
+    for module in sorted(modules, key=len, reverse=True):
+        prefix = f"{module}."
+        for name in [name for name in tensors if name.startswith(prefix)]:
+            by_module[module][name[len(prefix) :]] = tensors.pop(name)
+    return by_module
