@@ -63,7 +63,7 @@ SCALED_DOWN = {
 
 
 def unet_config(scaled_down: bool) -> dict[str, Any]:
-    from hf_influence.plan import preset_config
+    from hf_influence.planning import preset_config
 
     return dict(SCALED_DOWN) if scaled_down else preset_config("sd15")
 
@@ -365,7 +365,7 @@ def parent(args: argparse.Namespace) -> None:
     import torch
 
     from hf_influence import FactorConfig
-    from hf_influence.plan import plan
+    from hf_influence.planning import plan
 
     runs: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory(prefix="sd_scale_") as tmp:

@@ -17,7 +17,7 @@ from .measurements import (
     WeightedLoss,
     get_measurement,
 )
-from .plan import Plan, plan
+from .planning import Plan, plan
 from .provenance import DatasetSource
 from .task import DiffusionTask
 from .training import TrainConfig, train_ddpm

@@ -466,7 +466,7 @@ def run_demo(args: argparse.Namespace) -> None:
 def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
     from .factors import STORAGE_DTYPES, FactorConfig
     from .index import COMPRESSIONS
-    from .plan import PRESETS
+    from .planning import PRESETS
 
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--preset", choices=sorted(PRESETS), help="a shipped denoiser config")
@@ -491,7 +491,7 @@ def run_plan(args: argparse.Namespace) -> None:
     """Plan a fit before any compute: per-layer factor shapes and bytes, totals, memory and a speed class."""
     from .factors import FactorConfig
     from .index import IndexConfig
-    from .plan import plan
+    from .planning import plan
 
     factor_config = config_from_args(args, FactorConfig)
     index_config = IndexConfig(

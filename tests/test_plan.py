@@ -15,7 +15,7 @@ from torch import nn
 import hf_influence as hfi
 from hf_influence.cli import main
 from hf_influence.compression import kronecker_projections, make_compressor
-from hf_influence.plan import preset_config
+from hf_influence.planning import preset_config
 
 MODEL_CLASSES = {"sd15": UNet2DConditionModel, "sdxl": UNet2DConditionModel, "sd3-medium": SD3Transformer2DModel}
 
