@@ -14,15 +14,12 @@ import argparse
 import dataclasses
 import inspect
 import json
-import math
 import re
 import typing
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
-
-GRID_CELL = 64  # smallest displayed image side in attribution grids, in pixels
-
 
 # ---------------------------------------------------------------------------- shared helpers
 
@@ -79,7 +76,16 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
         "(default: the pipeline's training_config.json, else off)",
     )
     parser.add_argument(
-        "--class-column", help="dataset column with each image's class label, for a class-conditional pipeline (DiT)"
+        "--label-column",
+        help="dataset column with each image's class label: the condition of a class-conditional pipeline (DiT); "
+        "attribute also prints it beside each id (default there: 'label', when the dataset has one)",
+    )
+    parser.add_argument(
+        "--class-column",
+        dest="label_column",
+        action=DeprecatedAlias,
+        replacement="--label-column",
+        help="deprecated spelling of --label-column",
     )
     parser.add_argument("--caption-column", help="dataset column with each image's caption (text-to-image)")
     parser.add_argument(
@@ -90,31 +96,40 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+class DeprecatedAlias(argparse.Action):
+    """An option's old spelling: it still works, storing into the new option's destination, with a
+    warning that names the new spelling so that scripts get updated."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, replacement: str, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest, **kwargs)
+        self.replacement = replacement
+
+    def __call__(
+        self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any, option_string: Any = None
+    ) -> None:
+        warnings.warn(f"{option_string} is deprecated; use {self.replacement}.", FutureWarning, stacklevel=2)
+        setattr(namespace, self.dest, values)
+
+
 def add_push_arguments(parser: argparse.ArgumentParser, what: str) -> None:
     parser.add_argument("--push-to-hub", metavar="REPO_ID", help=f"also upload the {what} to this Hub repo")
     parser.add_argument("--private", action="store_true", help="create the Hub repo as private")
 
 
-def load_pipeline(args: argparse.Namespace, device: Any) -> tuple[Any, Any]:
-    """The `--pipeline` (a folder or Hub id) on `device` and its DiffusionTask, reading the data as training did."""
-    from diffusers import DiffusionPipeline
+def pipeline_from_args(args: argparse.Namespace, device: Any) -> tuple[Any, Any]:
+    """The `--pipeline` on `device` and its DiffusionTask (see `pipelines.load_pipeline`)."""
+    from .pipelines import load_pipeline
 
-    from .hub import download_pipeline
-    from .task import DiffusionTask
-    from .training import recorded_training_setting
-
-    folder, source = download_pipeline(args.pipeline, args.pipeline_revision)
-    pipeline = DiffusionPipeline.from_pretrained(folder).to(device)
-    task = DiffusionTask.from_pipeline(
-        pipeline,
-        image_column=recorded_training_setting(folder, "image_column", args.image_column, "image"),
-        random_flip=recorded_training_setting(folder, "random_flip", args.random_flip, False),
-        label_column=args.class_column,
+    return load_pipeline(
+        args.pipeline,
+        args.pipeline_revision,
+        device,
+        image_column=args.image_column,
+        random_flip=args.random_flip,
+        label_column=args.label_column,
         caption_column=args.caption_column,
         condition_dropout=args.condition_dropout,
     )
-    task.source = source
-    return pipeline, task
 
 
 def load_dataset(args: argparse.Namespace) -> tuple[Any, Any]:
@@ -188,7 +203,7 @@ def run_fit_factors(args: argparse.Namespace) -> None:
 
     config = config_from_args(args, FactorConfig)
     accelerator = Accelerator()
-    _, task = load_pipeline(args, accelerator.device)
+    _, task = pipeline_from_args(args, accelerator.device)
     dataset, source = load_dataset(args)
     factors = fit_factors(
         task,
@@ -229,7 +244,7 @@ def run_build_index(args: argparse.Namespace) -> None:
 
     config = config_from_args(args, IndexConfig)
     accelerator = Accelerator()
-    _, task = load_pipeline(args, accelerator.device)
+    _, task = pipeline_from_args(args, accelerator.device)
     dataset, source = load_dataset(args)
     index = build_index(task, dataset, config, args.output_dir, accelerator=accelerator, dataset_source=source)
     if accelerator.is_main_process:
@@ -251,13 +266,14 @@ def add_attribute_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--factors-revision", help="branch, tag or commit of Hub factors")
     parser.add_argument("--index", required=True, help="gradient index: a folder (build-index --output-dir) or Hub id")
     parser.add_argument("--index-revision", help="branch, tag or commit of a Hub index")
-    parser.add_argument("--label-column", default="label", help="dataset column printed beside each id, if present")
     parser.add_argument("--id-column", default="id", help="dataset column with the ids the index was built with")
     queries = parser.add_mutually_exclusive_group(required=True)
     queries.add_argument("--image", nargs="+", metavar="FILE", help="query images (PNG files)")
     queries.add_argument("--generate", type=int, metavar="N", help="generate N query images with the pipeline")
     parser.add_argument("--seed", type=int, default=0, help="seed of the generated images and the query draws")
-    parser.add_argument("--label", type=int, nargs="+", help="class of each query (class-conditional pipelines)")
+    parser.add_argument(
+        "--label", nargs="+", help="class of each query, an id or a class name (class-conditional pipelines)"
+    )
     parser.add_argument("--prompt", nargs="+", help="prompt of each query (text-to-image pipelines)")
     parser.add_argument("--guidance-scale", type=float, help="guidance scale of --generate (default: the pipeline's)")
     parser.add_argument("--num-inference-steps", type=int, default=50, help="sampling steps for --generate")
@@ -268,84 +284,28 @@ def add_attribute_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output-dir", required=True, help="where attribution.json and the PNG grids go")
 
 
-def query_conditions(args: argparse.Namespace, task: Any, count: int) -> dict[str, list]:
-    """`{"labels": [...]}` or `{"prompts": [...]}` for `count` queries of a conditional pipeline (one
-    value given is used for every query), `{}` for an unconditional one."""
-    kind = None if task.conditioning is None else task.conditioning.kind
-    given = {"labels": args.label, "prompts": args.prompt}
-    if kind is None:
-        if args.label or args.prompt:
-            raise ValueError("This pipeline is unconditional: --label and --prompt do not apply.")
-        return {}
-    values = given[kind]
-    option = "--label" if kind == "labels" else "--prompt"
-    if not values or len(values) not in (1, count):
-        raise ValueError(f"This pipeline is conditioned on {kind}: give {option} once, or once per query ({count}).")
-    return {kind: list(values) * count if len(values) == 1 else list(values)}
-
-
-def query_images(args: argparse.Namespace, pipeline: Any, conditions: dict[str, list]) -> tuple[list[Any], list[str]]:
-    """The query images and where each came from (a file, or the generation seed and position);
-    generated images follow the queries' labels or prompts."""
-    import torch
-    from PIL import Image
-
-    if args.image:
-        missing = [path for path in args.image if not Path(path).is_file()]
-        if missing:
-            raise FileNotFoundError(f"Query images not found: {missing}")
-        return [Image.open(path) for path in args.image], list(args.image)
-    generator = torch.Generator(device="cpu").manual_seed(args.seed)
-    if "labels" in conditions:
-        inputs = {"class_labels": conditions["labels"]}
-    elif "prompts" in conditions:
-        inputs = {"prompt": conditions["prompts"]}
-    else:
-        inputs = {"batch_size": args.generate}
-    if args.guidance_scale is not None:
-        inputs["guidance_scale"] = args.guidance_scale
-    images = pipeline(
-        generator=generator, num_inference_steps=args.num_inference_steps, output_type="pil", **inputs
-    ).images
-    return images, [f"generated seed={args.seed} #{position}" for position in range(args.generate)]
-
-
-def attribution_grid(query: Any, proponents: Sequence[Any], opponents: Sequence[Any]) -> Any:
-    """Three rows of `len(proponents)` cells: the query, its proponents, its opponents; small images
-    are scaled up by a whole factor (nearest neighbour) so single pixels stay visible."""
-    from PIL import Image
-
-    side = max(query.size)
-    cell = side * max(1, math.ceil(GRID_CELL / side))
-    columns = max(1, len(proponents), len(opponents))
-    grid = Image.new("RGB", (columns * cell, 3 * cell), "white")
-    for row, images in enumerate(([query], proponents, opponents)):
-        for column, image in enumerate(images):
-            grid.paste(image.convert("RGB").resize((cell, cell), Image.NEAREST), (column * cell, row * cell))
-    return grid
+# Where a person gives a query's condition on the command line, named in the errors.
+CONDITION_OPTIONS = {"labels": "--label", "prompts": "--prompt"}
 
 
 def run_attribute(args: argparse.Namespace) -> None:
     """Score query images against the index and show each one's top proponents and opponents."""
     from accelerate import Accelerator
 
-    from .attribution import Attributor
-    from .factors import InfluenceFactors
-    from .index import GradientIndex
+    from .queries import QueryConditions
 
     if args.top_k < 1:
         raise ValueError(f"--top-k must be at least 1, got {args.top_k}.")
+    if args.generate is not None and args.generate < 1:
+        raise ValueError(f"--generate must be at least 1, got {args.generate}.")
     accelerator = Accelerator()
     if not accelerator.is_main_process:  # a query is one process's work; the others would race on the outputs
         return
-    pipeline, task = load_pipeline(args, accelerator.device)
+    pipeline, task = pipeline_from_args(args, accelerator.device)
     dataset, _ = load_dataset(args)
-    factors = InfluenceFactors.from_pretrained(args.factors, task=task, revision=args.factors_revision)
-    index = GradientIndex.from_pretrained(args.index, revision=args.index_revision)
-    attributor = Attributor(task, factors, index, damping=args.damping)
-    if args.generate is not None and args.generate < 1:
-        raise ValueError(f"--generate must be at least 1, got {args.generate}.")
-    conditions = query_conditions(args, task, len(args.image) if args.image else args.generate)
+    attributor = load_attributor(args, task)
+    count = len(args.image) if args.image else args.generate
+    conditions = QueryConditions.for_task(task, count, args.label, args.prompt, options=CONDITION_OPTIONS)
     images, sources = query_images(args, pipeline, conditions)
     result = attributor.attribute(
         images,
@@ -353,34 +313,75 @@ def run_attribute(args: argparse.Namespace) -> None:
         top_k=args.top_k,
         num_draws=args.num_draws,
         seed=args.seed,
-        **conditions,
+        **conditions.attribute_kwargs(),
     )
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    records = []
-    for query, (image, source) in enumerate(zip(images, sources, strict=True)):
-        rows = {which: result.rows(dataset, query, which, args.id_column) for which in ("proponents", "opponents")}
-        ids = {"proponents": result.proponent_ids[query], "opponents": result.opponent_ids[query]}
-        scores = {"proponents": result.proponent_scores[query], "opponents": result.opponent_scores[query]}
-        print(f"Query {query} ({source}):")
-        for which in ("proponents", "opponents"):
-            print(f"  {which}:")
-            for row, example_id, score in zip(rows[which], ids[which].tolist(), scores[which].tolist(), strict=True):
-                label = f"  label={row[args.label_column]}" if args.label_column in row else ""
-                print(f"    id={example_id:<8} score={score: .6e}{label}")
-        grid_name = f"query_{query}.png"
-        columns = [[row[task.image_column] for row in rows[which]] for which in ("proponents", "opponents")]
-        attribution_grid(image, *columns).save(output_dir / grid_name)
-        records.append(
-            {
-                "query": source,
-                "grid": grid_name,
-                **{which: {"ids": ids[which].tolist(), "scores": scores[which].tolist()} for which in ids},
-            }
-        )
+    records = [
+        show_query(args, task, dataset, result, query, image, source, output_dir)
+        for query, (image, source) in enumerate(zip(images, sources, strict=True))
+    ]
     summary = {"measurement": args.measurement, "damping": args.damping, "top_k": args.top_k, "queries": records}
     (output_dir / "attribution.json").write_text(json.dumps(summary, indent=2))
     print(f"Saved attribution.json and {len(records)} grids to {output_dir}")
+
+
+def load_attributor(args: argparse.Namespace, task: Any) -> Any:
+    """An Attributor over the `--factors` (checked against the task's model) and the `--index`."""
+    from .attribution import Attributor
+    from .factors import InfluenceFactors
+    from .index import GradientIndex
+
+    factors = InfluenceFactors.from_pretrained(args.factors, task=task, revision=args.factors_revision)
+    index = GradientIndex.from_pretrained(args.index, revision=args.index_revision)
+    return Attributor(task, factors, index, damping=args.damping)
+
+
+def query_images(args: argparse.Namespace, pipeline: Any, conditions: Any) -> tuple[list[Any], list[str]]:
+    """The query images and where each came from (a file, or the generation seed and position);
+    generated images follow the queries' labels or prompts."""
+    from PIL import Image
+
+    from .generation import generate_images
+
+    if args.image:
+        missing = [path for path in args.image if not Path(path).is_file()]
+        if missing:
+            raise FileNotFoundError(f"Query images not found: {missing}")
+        return [Image.open(path) for path in args.image], list(args.image)
+    images = generate_images(pipeline, conditions, args.seed, args.num_inference_steps, args.guidance_scale)
+    return images, [f"generated seed={args.seed} #{position}" for position in range(args.generate)]
+
+
+def show_query(
+    args: argparse.Namespace,
+    task: Any,
+    dataset: Any,
+    result: Any,
+    query: int,
+    image: Any,
+    source: str,
+    output_dir: Path,
+) -> dict[str, Any]:
+    """Print one query's proponents and opponents (with their labels), save its grid; its JSON record."""
+    from .display import attribution_grid
+
+    label_column = args.label_column or "label"
+    record: dict[str, Any] = {"query": source, "grid": f"query_{query}.png"}
+    columns = []
+    print(f"Query {query} ({source}):")
+    for which in ("proponents", "opponents"):
+        rows = result.rows(dataset, query, which, args.id_column)
+        ids = (result.proponent_ids if which == "proponents" else result.opponent_ids)[query].tolist()
+        scores = (result.proponent_scores if which == "proponents" else result.opponent_scores)[query].tolist()
+        print(f"  {which}:")
+        for row, example_id, score in zip(rows, ids, scores, strict=True):
+            label = f"  label={row[label_column]}" if label_column in row else ""
+            print(f"    id={example_id:<8} score={score: .6e}{label}")
+        columns.append([row[task.image_column] for row in rows])
+        record[which] = {"ids": ids, "scores": scores}
+    attribution_grid(image, *columns).save(output_dir / record["grid"])
+    return record
 
 
 # ---------------------------------------------------------------------------- lds
@@ -534,15 +535,20 @@ COMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Callable[[a
 }
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    """`hf-influence SUBCOMMAND ...`: one subcommand per script in scripts/."""
+def build_parser() -> argparse.ArgumentParser:
+    """The `hf-influence` parser: one subcommand per script in scripts/."""
     parser = argparse.ArgumentParser(
         prog="hf-influence", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (add_arguments, run) in COMMANDS.items():
         add_arguments(subparsers.add_parser(name, help=run.__doc__, description=run.__doc__))
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """`hf-influence SUBCOMMAND ...`: one subcommand per script in scripts/."""
+    args = build_parser().parse_args(argv)
     COMMANDS[args.command][1](args)
 
 

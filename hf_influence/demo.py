@@ -114,75 +114,101 @@ def prepare_demo(config: DemoConfig | None = None, cache_dir: str | Path = DEFAU
     A stage is redone only when its artifact is missing, incomplete, or made with other settings or
     from another upstream artifact (its record in `cache_dir/stages/` says what it was made from).
     """
-    from diffusers import DDPMPipeline
+    demo = _Demo.in_cache(config or DemoConfig(), cache_dir)
+    dataset = _digits_stage(demo)
+    pipeline, task = _ddpm_stage(demo, dataset)
+    factors = _factors_stage(demo, task, dataset)
+    index = _index_stage(demo, task, dataset)
+    return DemoArtifacts(demo.paths, dataset, pipeline, task, factors, index)
 
-    from .factors import InfluenceFactors
-    from .fitting import fit_factors
-    from .index import GradientIndex, build_index
-    from .task import DiffusionTask
+
+@dataclass
+class _Demo:
+    """What every stage reads: the recipe, the cache, each stage's folder and the records of what made them."""
+
+    config: DemoConfig
+    cache: Path
+    paths: dict[str, Path]
+    stages: _StageRecords
+
+    @classmethod
+    def in_cache(cls, config: DemoConfig, cache_dir: str | Path) -> _Demo:
+        cache = Path(cache_dir).expanduser()
+        return cls(config, cache, {stage: cache / stage for stage in STAGES}, _StageRecords(cache / "stages"))
+
+
+def _digits_stage(demo: _Demo) -> Any:
+    """1. The digits, as a datasets folder with image / label / id columns."""
+    config, path = demo.config, demo.paths["digits"]
+    settings = {"num_examples": config.num_examples, "resolution": config.resolution}
+    dataset = _load_digits(path) if demo.stages.matches("digits", settings) else None
+    if dataset is not None and len(dataset) == config.num_examples:
+        tqdm.write(f"[1/4] Digits: cached in {path}")
+        return dataset
+    tqdm.write(f"[1/4] Building {config.num_examples} demo digits at {config.resolution}×{config.resolution}")
+    demo.stages.start("digits", settings, path)
+    return _build_digits(config, path)
+
+
+def _ddpm_stage(demo: _Demo, dataset: Any) -> tuple[Any, Any]:
+    """2. The DDPM, trained with train_ddpm (resumes from its checkpoints); the pipeline and its task."""
+    from .pipelines import load_pipeline
     from .training import train_ddpm
 
-    config = config or DemoConfig()
-    cache = Path(cache_dir).expanduser()
-    paths = {stage: cache / stage for stage in STAGES}
-    stages = _StageRecords(cache / "stages")
-
-    # 1. The digits, as a datasets folder with image / label / id columns.
-    settings = {"num_examples": config.num_examples, "resolution": config.resolution}
-    dataset = _load_digits(paths["digits"]) if stages.matches("digits", settings) else None
-    if dataset is None or len(dataset) != config.num_examples:
-        tqdm.write(f"[1/4] Building {config.num_examples} demo digits at {config.resolution}×{config.resolution}")
-        stages.start("digits", settings, paths["digits"])
-        dataset = _build_digits(config, paths["digits"])
-    else:
-        tqdm.write(f"[1/4] Digits: cached in {paths['digits']}")
-
-    # 2. The DDPM, trained with train_ddpm (resumes from its checkpoints).
+    config, path = demo.config, demo.paths["ddpm"]
     train_config = config.train_config()
-    settings = {"train": json.loads(json.dumps(asdict(train_config))), "digits": stages.identity("digits")}
-    if not (stages.matches("ddpm", settings) and _training_finished(paths["ddpm"], train_config)):
-        tqdm.write(f"[2/4] Training the DDPM for {config.train_steps} steps → {paths['ddpm']}")
-        resume = stages.matches("ddpm", settings) and (paths["ddpm"] / "checkpoints").is_dir()
-        stages.start("ddpm", settings, paths["ddpm"], keep=resume)
-        train_ddpm(dataset, train_config, paths["ddpm"], resume=resume)
-        shutil.rmtree(paths["ddpm"] / "checkpoints", ignore_errors=True)
+    settings = {"train": json.loads(json.dumps(asdict(train_config))), "digits": demo.stages.identity("digits")}
+    if demo.stages.matches("ddpm", settings) and _training_finished(path, train_config):
+        tqdm.write(f"[2/4] DDPM: cached in {path}")
     else:
-        tqdm.write(f"[2/4] DDPM: cached in {paths['ddpm']}")
-    pipeline = DDPMPipeline.from_pretrained(paths["ddpm"])
-    task = DiffusionTask.from_pipeline(pipeline)
+        tqdm.write(f"[2/4] Training the DDPM for {config.train_steps} steps → {path}")
+        resume = demo.stages.matches("ddpm", settings) and (path / "checkpoints").is_dir()
+        demo.stages.start("ddpm", settings, path, keep=resume)
+        train_ddpm(dataset, train_config, path, resume=resume)
+        shutil.rmtree(path / "checkpoints", ignore_errors=True)
+    return load_pipeline(path)
 
-    # 3. EK-FAC factors (checkpointed, so an interrupted fit resumes).
+
+def _factors_stage(demo: _Demo, task: Any, dataset: Any) -> Any:
+    """3. EK-FAC factors (checkpointed, so an interrupted fit resumes)."""
+    from .factors import InfluenceFactors
+    from .fitting import fit_factors
+
+    config, path = demo.config, demo.paths["factors"]
     factor_config = config.factor_config()
     settings = {"factors": asdict(factor_config), "model": task.fingerprint()}
-    factors = _load_or_none(paths["factors"], lambda path: InfluenceFactors.from_pretrained(path, task=task))
-    if factors is None or not stages.matches("factors", settings):
-        tqdm.write(f"[3/4] Fitting EK-FAC factors ({config.factor_draws} draws per digit) → {paths['factors']}")
-        checkpoints = cache / "factors-checkpoints"
-        keep = stages.matches("factors", settings)
-        stages.start("factors", settings, paths["factors"], keep=keep)
-        if not keep:
-            shutil.rmtree(checkpoints, ignore_errors=True)
-        factors = fit_factors(task, dataset, factor_config, checkpoint_dir=checkpoints, resume=True)
-        factors.save_pretrained(paths["factors"])
+    factors = _load_or_none(path, lambda folder: InfluenceFactors.from_pretrained(folder, task=task))
+    if factors is not None and demo.stages.matches("factors", settings):
+        tqdm.write(f"[3/4] Factors: cached in {path}")
+        return factors
+    tqdm.write(f"[3/4] Fitting EK-FAC factors ({config.factor_draws} draws per digit) → {path}")
+    checkpoints = demo.cache / "factors-checkpoints"
+    keep = demo.stages.matches("factors", settings)
+    demo.stages.start("factors", settings, path, keep=keep)
+    if not keep:
         shutil.rmtree(checkpoints, ignore_errors=True)
-    else:
-        tqdm.write(f"[3/4] Factors: cached in {paths['factors']}")
+    factors = fit_factors(task, dataset, factor_config, checkpoint_dir=checkpoints, resume=True)
+    factors.save_pretrained(path)
+    shutil.rmtree(checkpoints, ignore_errors=True)
+    return factors
 
-    # 4. The gradient index of every digit (resumes after its last finished shard).
+
+def _index_stage(demo: _Demo, task: Any, dataset: Any) -> Any:
+    """4. The gradient index of every digit (resumes after its last finished shard)."""
+    from .index import GradientIndex, build_index
+
+    config, path = demo.config, demo.paths["index"]
     index_config = config.index_config()
-    settings = {"index": asdict(index_config), "model": task.fingerprint(), "digits": stages.identity("digits")}
-    index = _load_or_none(paths["index"], GradientIndex.from_pretrained)
-    if index is None or len(index) != len(dataset) or not stages.matches("index", settings):
-        tqdm.write(
-            f"[4/4] Indexing {len(dataset)} training gradients ({config.index_draws} draws each) → {paths['index']}"
-        )
-        # Resume a partial build of the same settings; a finished but unreadable one is rebuilt.
-        keep = stages.matches("index", settings) and not (paths["index"] / "config.json").exists()
-        stages.start("index", settings, paths["index"], keep=keep)
-        index = build_index(task, dataset, index_config, paths["index"])
-    else:
-        tqdm.write(f"[4/4] Index: cached in {paths['index']}")
-    return DemoArtifacts(paths, dataset, pipeline, task, factors, index)
+    settings = {"index": asdict(index_config), "model": task.fingerprint(), "digits": demo.stages.identity("digits")}
+    index = _load_or_none(path, GradientIndex.from_pretrained)
+    if index is not None and len(index) == len(dataset) and demo.stages.matches("index", settings):
+        tqdm.write(f"[4/4] Index: cached in {path}")
+        return index
+    tqdm.write(f"[4/4] Indexing {len(dataset)} training gradients ({config.index_draws} draws each) → {path}")
+    # Resume a partial build of the same settings; a finished but unreadable one is rebuilt.
+    keep = demo.stages.matches("index", settings) and not (path / "config.json").exists()
+    demo.stages.start("index", settings, path, keep=keep)
+    return build_index(task, dataset, index_config, path)
 
 
 def run_demo(

@@ -10,7 +10,6 @@ never interrupted. The saved pipeline holds the EMA weights, the model that is a
 from __future__ import annotations
 
 import json
-import os
 import warnings
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -266,14 +265,48 @@ def train_ddpm(
     process, so N processes with batch_size B train like one process with N·B (up to float rounding,
     where each epoch's batches are full). Returns the pipeline on every process.
     """
-    from accelerate import Accelerator, PartialState
-    from diffusers import DDPMPipeline, DDPMScheduler
-    from diffusers.optimization import get_scheduler
-    from diffusers.training_utils import EMAModel
-
     config = config or TrainConfig()
     output_dir = Path(output_dir)
     checkpoints = output_dir / "checkpoints"
+    accelerator = _accelerator_for(config, accelerator)
+    latest = _checkpoint_to_resume(checkpoints, resume)
+    run = _set_up(dataset, config, accelerator)
+    position = _restore(run, latest) if latest is not None else _Position()
+    run.ema.to(accelerator.device)
+    _train(run, position, checkpoints)
+    return _save_pipeline(run, output_dir)
+
+
+@dataclass
+class _Run:
+    """What a training run steps: the model as `accelerate` prepared it, beside the plain UNet the EMA
+    follows, and the data whose order the loop sets each epoch."""
+
+    config: TrainConfig
+    accelerator: Any
+    task: DiffusionTask
+    unet: Any
+    model: Any
+    optimizer: Any
+    lr_scheduler: Any
+    ema: Any
+    loader: Any
+    order: Any
+
+
+@dataclass
+class _Position:
+    """Where training stands: optimiser steps taken, and the epoch and batch the next step reads."""
+
+    step: int = 0
+    epoch: int = 0
+    next_batch: int = 0
+
+
+def _accelerator_for(config: TrainConfig, accelerator: Any) -> Any:
+    """The given Accelerator, checked against the config, or one built from it."""
+    from accelerate import Accelerator, PartialState
+
     device = PartialState().device if accelerator is None else accelerator.device
     if config.mixed_precision == "fp16" and device.type == "cpu":
         raise ValueError("fp16 mixed precision needs a GPU (accelerate ignores it on CPU): use bf16 or 'no'.")
@@ -285,6 +318,11 @@ def train_ddpm(
             f"{config.mixed_precision!r}: make them agree."
         )
     Ranks(accelerator)  # refuses a multi-process launch in which every rank would train alone
+    return accelerator
+
+
+def _checkpoint_to_resume(checkpoints: Path, resume: bool) -> Path | None:
+    """The latest checkpoint when resuming; refuses to start over a folder that holds another run's."""
     latest = _latest_checkpoint(checkpoints)
     if latest is not None and not resume:
         raise FileExistsError(
@@ -292,7 +330,16 @@ def train_ddpm(
             "or choose another output_dir."
         )
     if resume and latest is None:
-        warnings.warn(f"No checkpoint in {checkpoints}: training starts from step 0.", stacklevel=2)
+        warnings.warn(f"No checkpoint in {checkpoints}: training starts from step 0.", stacklevel=3)
+    return latest
+
+
+def _set_up(dataset: Any, config: TrainConfig, accelerator: Any) -> _Run:
+    """A fresh run: the seeded UNet, its scheduler and task, the data, the optimiser and the EMA, all
+    prepared by `accelerate` (a resumed run builds the same, then loads its checkpoint over it)."""
+    from diffusers import DDPMScheduler
+    from diffusers.optimization import get_scheduler
+    from diffusers.training_utils import EMAModel
 
     unet = build_unet(config)
     scheduler = DDPMScheduler(
@@ -315,61 +362,74 @@ def train_ddpm(
     model, optimizer, loader, lr_scheduler = accelerator.prepare(unet, optimizer, loader, lr_scheduler)
     ema = EMAModel(unet.parameters(), decay=config.ema_decay, use_ema_warmup=True, power=EMA_POWER)
     accelerator.register_for_checkpointing(ema)
+    return _Run(config, accelerator, task, unet, model, optimizer, lr_scheduler, ema, loader, order)
 
-    step, epoch, skip = 0, 0, 0
-    if resume and latest is not None:
-        accelerator.load_state(str(latest))
-        state = json.loads((latest / TRAINING_STATE).read_text())
-        step, epoch, skip = state["step"], state["epoch"], state["next_batch"]
-    ema.to(accelerator.device)
 
-    model.train()
-    progress = tqdm(total=config.max_steps, initial=step, desc="Training", disable=not accelerator.is_main_process)
-    batches = _batches(accelerator, loader, order, epoch, skip)
+def _restore(run: _Run, checkpoint: Path) -> _Position:
+    """Load a checkpoint's state (model, optimiser, schedules, EMA, RNGs) into the run; where it stopped."""
+    run.accelerator.load_state(str(checkpoint))
+    return _Position(**json.loads((checkpoint / TRAINING_STATE).read_text()))
+
+
+def _train(run: _Run, position: _Position, checkpoints: Path) -> None:
+    """Step from `position` to config.max_steps, checkpointing every config.checkpoint_every steps."""
+    config, accelerator = run.config, run.accelerator
+    run.model.train()
+    progress = tqdm(
+        total=config.max_steps, initial=position.step, desc="Training", disable=not accelerator.is_main_process
+    )
+    batches = _batches(accelerator, run.loader, run.order, position.epoch, position.next_batch)
+    step = position.step
     while step < config.max_steps:
         epoch, index, (positions, images) = next(batches)
-        draws = task.draw(positions.tolist(), 1, config.seed, f"training-step-{step}", augment=True)
-        clean, noisy = task.noisy_inputs(images, draws, repeats=1)
-        timesteps = draws.timesteps.to(clean.device)
-        target = task.target(clean, draws.noise.to(clean), timesteps)
-        loss = F.mse_loss(model(noisy, timesteps).sample.float(), target)
-        accelerator.backward(loss)
-        accelerator.clip_grad_norm_(model.parameters(), config.grad_clip)
-        optimizer.step()
-        lr_scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        ema.step(unet.parameters())
+        loss = _training_step(run, step, positions, images)
         step += 1
-
-        logs = {"loss": loss.item(), "lr": lr_scheduler.get_last_lr()[0]}
+        logs = {"loss": loss, "lr": run.lr_scheduler.get_last_lr()[0]}
         accelerator.log(logs, step=step)
         progress.update()
         progress.set_postfix(loss=f"{logs['loss']:.4f}")
         if config.checkpoint_every and step % config.checkpoint_every == 0:
-            path = checkpoints / f"{CHECKPOINT_PREFIX}{step}"
-            accelerator.save_state(str(path))
-            if accelerator.is_main_process:  # written last: a checkpoint without it is incomplete
-                state = json.dumps({"step": step, "epoch": epoch, "next_batch": index + 1})
-                atomic_write_text(path / TRAINING_STATE, state)
-            accelerator.wait_for_everyone()
+            _save_checkpoint(run, checkpoints, _Position(step, epoch, index + 1))
     progress.close()
 
-    unet = accelerator.unwrap_model(model, keep_fp32_wrapper=False)
-    ema.copy_to(unet.parameters())
-    pipeline = DDPMPipeline(unet=unet, scheduler=scheduler)
-    if accelerator.is_main_process:
+
+def _training_step(run: _Run, step: int, positions: torch.Tensor, images: torch.Tensor) -> float:
+    """One optimiser step on a batch, with the draws of (seed, step, row position); returns the loss."""
+    task, model = run.task, run.model
+    draws = task.draw(positions.tolist(), 1, run.config.seed, f"training-step-{step}", augment=True)
+    clean, noisy = task.noisy_inputs(images, draws, repeats=1)
+    timesteps = draws.timesteps.to(clean.device)
+    target = task.target(clean, draws.noise.to(clean), timesteps)
+    loss = F.mse_loss(model(noisy, timesteps).sample.float(), target)
+    run.accelerator.backward(loss)
+    run.accelerator.clip_grad_norm_(model.parameters(), run.config.grad_clip)
+    run.optimizer.step()
+    run.lr_scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    run.ema.step(run.unet.parameters())
+    return loss.item()
+
+
+def _save_checkpoint(run: _Run, checkpoints: Path, position: _Position) -> None:
+    """The full training state, then where training stands, written last: a checkpoint without it is
+    incomplete and never resumed from."""
+    path = checkpoints / f"{CHECKPOINT_PREFIX}{position.step}"
+    run.accelerator.save_state(str(path))
+    if run.accelerator.is_main_process:
+        atomic_write_text(path / TRAINING_STATE, json.dumps(asdict(position)))
+    run.accelerator.wait_for_everyone()
+
+
+def _save_pipeline(run: _Run, output_dir: Path) -> Any:
+    """The DDPMPipeline of the EMA weights, saved with the TrainConfig beside it (what later reads the
+    data as training did looks there)."""
+    from diffusers import DDPMPipeline
+
+    unet = run.accelerator.unwrap_model(run.model, keep_fp32_wrapper=False)
+    run.ema.copy_to(unet.parameters())
+    pipeline = DDPMPipeline(unet=unet, scheduler=run.task.scheduler)
+    if run.accelerator.is_main_process:
         pipeline.save_pretrained(output_dir)
-        (output_dir / TRAINING_CONFIG_NAME).write_text(json.dumps(asdict(config), indent=2))
-    accelerator.wait_for_everyone()
+        (output_dir / TRAINING_CONFIG_NAME).write_text(json.dumps(asdict(run.config), indent=2))
+    run.accelerator.wait_for_everyone()
     return pipeline
-
-
-def recorded_training_setting(pipeline_folder: str | os.PathLike, name: str, given: Any, fallback: Any) -> Any:
-    """An explicit setting, else what train_ddpm recorded beside the pipeline, else `fallback`: the task
-    must read the data as training did (image column, flips), or the curvature is that of another loss."""
-    if given is not None:
-        return given
-    recorded = Path(pipeline_folder) / TRAINING_CONFIG_NAME
-    if recorded.is_file():
-        return json.loads(recorded.read_text()).get(name, fallback)
-    return fallback

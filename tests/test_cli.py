@@ -133,3 +133,18 @@ def test_accelerate_launch_two_processes(workspace: dict[str, Path], tmp_path: P
     assert covariances
     for name in covariances:
         torch.testing.assert_close(launched.tensors[name], single.tensors[name], rtol=1e-5, atol=1e-7)
+
+
+def test_class_column_is_a_deprecated_alias_of_label_column() -> None:
+    from hf_influence.cli import build_parser
+
+    common = ["--pipeline", "p", "--dataset", "d", "--output-dir", "o"]
+    assert build_parser().parse_args(["fit-factors", *common, "--label-column", "digit"]).label_column == "digit"
+    with pytest.warns(FutureWarning, match="--class-column is deprecated; use --label-column"):
+        args = build_parser().parse_args(["build-index", *common, "--class-column", "digit"])
+    assert args.label_column == "digit"
+    # Printed by the command too (argparse then stops: the other options are missing).
+    done = subprocess.run(
+        ["hf-influence", "attribute", "--class-column", "digit"], cwd=ROOT, env=ENV, capture_output=True, text=True
+    )
+    assert done.returncode == 2 and "FutureWarning: --class-column is deprecated; use --label-column" in done.stderr

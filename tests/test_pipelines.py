@@ -463,7 +463,7 @@ def test_cli_attributes_generated_images_of_a_class_conditional_pipeline(workdir
 
     saved_pipeline("dit", workdir)
     digit_dataset(8).save_to_disk(str(tmp_path / "digits"))
-    common = ["--pipeline", str(workdir / "dit"), "--dataset", str(tmp_path / "digits"), "--class-column", "label"]
+    common = ["--pipeline", str(workdir / "dit"), "--dataset", str(tmp_path / "digits"), "--label-column", "label"]
     main(["fit-factors", *common, "--output-dir", str(tmp_path / "factors"), "--batch-size", "8"])
     main(["build-index", *common, "--output-dir", str(tmp_path / "index"), "--num-draws", "2"])
     # guidance 1: DiTPipeline's null class for guidance is 1000, past the tiny DiT's 10 classes

@@ -19,7 +19,7 @@ from diffusers import DDIMScheduler, DiffusionPipeline
 from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 from PIL import Image
-from space_app import TOP_K, build_artifacts, free_port, served_explorer
+from space_app import TOP_K, build_artifacts, explorer_config, free_port, served_explorer
 
 import hf_influence as hfi
 from hf_influence.datasets_io import load_training_dataset
@@ -316,3 +316,14 @@ def test_explorer_loads_hub_ids(hub, artifacts, direct):
     np.testing.assert_allclose(
         [record["score"] for record in explanation.records["opponents"]], expected.opponent_scores[0], rtol=1e-5
     )
+
+
+def test_the_callers_pipeline_keeps_its_scheduler(artifacts, direct):
+    """The DDIM sampler is a pipeline of its own, sharing the components: nothing the caller holds changes."""
+    _, attributor, dataset = direct
+    pipeline = DiffusionPipeline.from_pretrained(artifacts["pipeline"])
+    scheduler = pipeline.scheduler
+    explorer = InfluenceExplorer(pipeline, attributor, dataset, explorer_config(artifacts))
+    assert pipeline.scheduler is scheduler and type(scheduler).__name__ == "DDPMScheduler"
+    assert isinstance(explorer.sampling_pipeline.scheduler, DDIMScheduler)
+    assert explorer.sampling_pipeline.unet is pipeline.unet
