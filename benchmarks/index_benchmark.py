@@ -14,7 +14,6 @@ import argparse
 import json
 import tempfile
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -25,8 +24,10 @@ from safetensors.torch import save_file
 from scipy.stats import spearmanr
 
 import hf_influence as hfi
+from hf_influence.compression import make_compressor
 from hf_influence.data import mnist_demo_dataset as mnist_dataset
-from hf_influence.index import FORMAT, FORMAT_VERSION, GradientIndex, _shard_record
+from hf_influence.index import GradientIndex, IndexMetadata
+from hf_influence.index.builder import _finish, _shard_record
 
 COMPRESSIONS = {
     "projection-8+8bit": dict(compression="projection", projection_dim=8, quantize_bits=8),
@@ -57,7 +58,7 @@ def real_index(args: argparse.Namespace, workdir: Path) -> dict:
     )
     results["pairwise_scores_s"] = time.perf_counter() - start
     results["exact_bytes_per_example"] = 4 * sum(
-        d_out * d_in + d_out for d_out, d_in in factors.config["shapes"].values()
+        d_out * d_in + d_out for d_out, d_in in factors.metadata.shapes.values()
     )
     for label, options in COMPRESSIONS.items():
         start = time.perf_counter()
@@ -81,7 +82,7 @@ def real_index(args: argparse.Namespace, workdir: Path) -> dict:
         index.scores({name: index.compressor.query(name, *grad) for name, grad in _random_queries(factors).items()})
         results[label] = {
             "build_s": build,
-            "bytes_per_example": sum(shard["size"] for shard in index.config["shards"]) / len(index),
+            "bytes_per_example": sum(record.size for record in index.files.records.values()) / len(index),
             "spearman_vs_exact": mean_spearman(scores, exact),
             "query_latency_s": latencies,
             "search_only_s": time.perf_counter() - start,
@@ -92,7 +93,7 @@ def real_index(args: argparse.Namespace, workdir: Path) -> dict:
 
 def _random_queries(factors: hfi.InfluenceFactors, count: int = 1) -> dict:
     queries = {}
-    for name, (d_out, d_in) in factors.config["shapes"].items():
+    for name, (d_out, d_in) in factors.metadata.shapes.items():
         bias = torch.randn(count, d_out) if f"{name}.bias_eigenvalues" in factors.tensors else None
         queries[name] = (torch.randn(count, d_out, d_in), bias)
     return queries
@@ -103,30 +104,30 @@ def synthetic_search(args: argparse.Namespace, workdir: Path, factors: hfi.Influ
     config = hfi.IndexConfig(
         draws_per_example=1, shard_size=args.synthetic_shard, **COMPRESSIONS[args.synthetic_compression]
     )
-    index_config = {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        **asdict(config),
-        "modules": factors.modules,
-        "shapes": factors.config["shapes"],
-        "model": factors.config["model"],
-        "dataset": {"name": "synthetic"},
-    }
-    compressor = GradientIndex(workdir, index_config).compressor
-    projections = compressor.inner.projections
+    metadata = IndexMetadata(
+        config=config,
+        modules=tuple(factors.modules),
+        shapes=factors.metadata.shapes,
+        examples_per_shard=args.synthetic_shard,
+        model=factors.metadata.model,
+        dataset=hfi.DatasetSource(repo_id="synthetic"),
+    )
+    compressor = make_compressor(config, factors.metadata.shapes)
     shards = []
     for number, start in enumerate(range(0, args.synthetic, args.synthetic_shard)):
         count = min(args.synthetic_shard, args.synthetic - start)
         content = {"ids": torch.arange(start, start + count)}
-        for name in factors.modules:
-            project_out, project_in = projections[name]
-            weight = torch.randn(count, project_out.shape[1], project_in.shape[1])
-            bias = torch.randn(count, project_out.shape[1]) if f"{name}.bias_eigenvalues" in factors.tensors else None
+        for name, (d_out, d_in) in factors.metadata.shapes.items():
+            # Random gradients already in the compressor's linear image (a projection's k_out × k_in).
+            has_bias = f"{name}.bias_eigenvalues" in factors.tensors
+            weight, bias = compressor.transform(name, torch.ones(1, d_out, d_in), torch.ones(1, d_out))
+            weight = torch.randn(count, *weight.shape[1:])
+            bias = torch.randn(count, bias.shape[1]) if has_bias else None
             content |= {f"{name}.{key}": value for key, value in compressor.encode(name, weight, bias).items()}
-        path = workdir / f"index-{number:05d}.safetensors"
+        path = workdir / f"partial-{number:05d}.safetensors"
         save_file(content, str(path))
         shards.append(_shard_record(path))
-    (workdir / "config.json").write_text(json.dumps(index_config | {"num_examples": args.synthetic, "shards": shards}))
+    _finish(workdir, shards, metadata)  # the library's own last step: final shard names, card, config.json
     index = GradientIndex.from_pretrained(workdir)
     queries = {name: compressor.query(name, *grad) for name, grad in _random_queries(factors).items()}
     index.scores(queries)  # the first pass verifies the checksums
@@ -136,7 +137,7 @@ def synthetic_search(args: argparse.Namespace, workdir: Path, factors: hfi.Influ
         scores, _ = index.scores(queries)
         scores.topk(10)
         timings.append(time.perf_counter() - start)
-    size = sum(shard["size"] for shard in shards)
+    size = sum(record.size for record in index.files.records.values())
     return {
         "examples": args.synthetic,
         "compression": args.synthetic_compression,

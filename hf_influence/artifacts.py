@@ -248,8 +248,11 @@ class ModelArtifact(Artifact):
         for name, shape in self.metadata.shapes.items():
             module = modules.get(name)
             kind = None if module is None else layer_kind(module)
-            if kind is None:
+            if module is None:
                 problems.append(f"layer {name!r} does not exist in the denoiser")
+            elif kind is None:
+                kind_name = f"{type(module).__module__}.{type(module).__qualname__}"
+                problems.append(f"layer {name!r} is a {kind_name} now, not an nn.Linear or nn.Conv2d (an adapter?)")
             elif tuple(kind.weight_shape(module)) != tuple(shape):
                 actual = tuple(kind.weight_shape(module))
                 problems.append(f"layer {name!r} has weight shape {actual}, the {self.DESCRIPTION} {tuple(shape)}")

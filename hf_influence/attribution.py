@@ -77,7 +77,7 @@ def pairwise_scores(
     preconditioned = precondition_gradients(factors.to(task.device), grads, damping)
     plan = DrawPlan.training(draws_per_example, seed, batch_size)
     batches = dataset_batches(train_dataset, task, plan.examples_per_pass, id_column, "Scoring training examples")
-    columns = [per_example_scores(task, layers, batch.samples, batch.ids, plan, preconditioned) for batch in batches]
+    columns = [per_example_scores(task, layers, batch.examples, batch.ids, plan, preconditioned) for batch in batches]
     return torch.cat(columns, dim=1).cpu()
 
 

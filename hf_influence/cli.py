@@ -33,22 +33,30 @@ def field_help(config_class: type) -> dict[str, str]:
 
 def add_config_options(parser: argparse.ArgumentParser, config_class: type) -> None:
     """One `--option` per field of a config dataclass, typed from its annotation, so a new field
-    reaches the command line without touching this module."""
+    reaches the command line without touching this module; a renamed field keeps its old option too."""
     helps = field_help(config_class)
     hints = typing.get_type_hints(config_class)
     group = parser.add_argument_group(f"{config_class.__name__} fields")
     for field in dataclasses.fields(config_class):
-        default = field.default
         described = helps.get(field.name, f"see {config_class.__name__}.{field.name}")
-        kwargs: dict[str, Any] = {"default": default, "help": f"{described} (default: {default})"}
-        hint = hints[field.name]
-        if hint is bool:
-            kwargs["action"] = argparse.BooleanOptionalAction
-        elif typing.get_origin(hint) is tuple:
-            kwargs.update(nargs="+", type=typing.get_args(hint)[0])
-        else:
-            kwargs["type"] = next((arg for arg in typing.get_args(hint) if arg is not type(None)), hint)
-        group.add_argument("--" + field.name.replace("_", "-"), **kwargs)
+        kwargs = {"default": field.default, "help": f"{described} (default: {field.default})"}
+        group.add_argument(_option(field.name), **kwargs, **_typed(hints[field.name]))
+    for old, new in getattr(config_class, "RENAMED_FIELDS", {}).items():
+        alias = {"dest": new, "action": DeprecatedAlias, "replacement": _option(new)}
+        group.add_argument(_option(old), **alias, **_typed(hints[new], flag=False), help=f"deprecated: {_option(new)}")
+
+
+def _option(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _typed(hint: Any, flag: bool = True) -> dict[str, Any]:
+    """How argparse reads a field of type `hint`: a bool as `--x/--no-x` (`flag`), a tuple as several values."""
+    if hint is bool and flag:
+        return {"action": argparse.BooleanOptionalAction}
+    if typing.get_origin(hint) is tuple:
+        return {"nargs": "+", "type": typing.get_args(hint)[0]}
+    return {"type": next((arg for arg in typing.get_args(hint) if arg is not type(None)), hint)}
 
 
 def config_from_args(args: argparse.Namespace, config_class: type) -> Any:
@@ -280,7 +288,20 @@ def add_attribute_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--measurement", default="loss", choices=sorted(MEASUREMENTS))
     parser.add_argument("--damping", type=float, default=DEFAULT_DAMPING, help="λ added to the curvature")
     parser.add_argument("--top-k", type=int, default=8, help="proponents and opponents shown per query")
-    parser.add_argument("--num-draws", type=int, default=None, help="query draws (default: the index's K)")
+    parser.add_argument(
+        "--draws-per-query",
+        type=int,
+        default=None,
+        help="(t, ε) draws of each query's measurement (default: the index's)",
+    )
+    parser.add_argument(
+        "--num-draws",
+        type=int,
+        dest="draws_per_query",
+        action=DeprecatedAlias,
+        replacement="--draws-per-query",
+        help="deprecated spelling of --draws-per-query",
+    )
     parser.add_argument("--output-dir", required=True, help="where attribution.json and the PNG grids go")
 
 
@@ -311,7 +332,7 @@ def run_attribute(args: argparse.Namespace) -> None:
         images,
         measurement=args.measurement,
         top_k=args.top_k,
-        num_draws=args.num_draws,
+        draws_per_query=args.draws_per_query,
         seed=args.seed,
         **conditions.attribute_kwargs(),
     )
@@ -423,7 +444,7 @@ def run_lds(args: argparse.Namespace) -> None:
     if args.output:
         from .files import atomic_write_text
 
-        summary = json.dumps({name: {"mean": r.mean, "stderr": r.stderr} for name, r in results.items()}, indent=2)
+        summary = json.dumps({name: result.as_dict() for name, result in results.items()}, indent=2)
         atomic_write_text(Path(args.output), summary)
 
 

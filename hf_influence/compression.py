@@ -5,14 +5,20 @@ A compressor turns a layer's per-example gradients into the tensors an index sha
 (preconditioned) query gradient into the matching query-side form, and scores one against the
 other. Inner products are what is preserved: ⟨query, train⟩ ≈ ⟨compressed query, compressed train⟩.
 A linear compressor also offers `transform`, applied to each part of a gradient as it arrives (so the
-full gradient of a wide layer is never accumulated).
+full gradient of a wide layer is never accumulated). `layout` says what one example's entry for a layer
+holds, in bytes per stored tensor (fp32 gradients), without computing anything: shard sizes and plans use it.
 """
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from .seeding import seeded_generator
+
+if TYPE_CHECKING:
+    from .index import IndexConfig
 
 COMPRESSIONS = ("none", "svd", "projection")
 
@@ -53,6 +59,10 @@ class Compressor:
             stored["bias"] = bias
         return stored
 
+    def layout(self, name: str, d_out: int, d_in: int, has_bias: bool) -> dict[str, int]:
+        """Bytes per example of each tensor `encode` stores for a layer of weight shape (d_out, d_in)."""
+        return {"weight": 4 * d_out * d_in} | ({"bias": 4 * d_out} if has_bias else {})
+
     def query(self, name: str, weight: torch.Tensor, bias: torch.Tensor | None) -> Stored:
         """The query-side form of preconditioned query gradients `(Q, d_out, d_in)`, `(Q, d_out)`."""
         return self.encode(name, weight, bias)
@@ -77,6 +87,10 @@ class ProjectionCompressor(Compressor):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         project_out, project_in = (p.to(weight.device, weight.dtype) for p in self.projections[name])
         return project_out.T @ weight @ project_in, None if bias is None else bias @ project_out
+
+    def layout(self, name: str, d_out: int, d_in: int, has_bias: bool) -> dict[str, int]:
+        project_out, project_in = self.projections[name]
+        return super().layout(name, project_out.shape[1], project_in.shape[1], has_bias)
 
     def query(self, name: str, weight: torch.Tensor, bias: torch.Tensor | None) -> Stored:
         return self.encode(name, *self.transform(name, weight, bias))
@@ -108,6 +122,12 @@ class SVDCompressor(Compressor):
         if bias is not None:
             stored["bias"] = bias
         return stored
+
+    def layout(self, name: str, d_out: int, d_in: int, has_bias: bool) -> dict[str, int]:
+        if min(d_out, d_in) <= self.rank:
+            return super().layout(name, d_out, d_in, has_bias)
+        factors = {"weight.left": 4 * d_out * self.rank, "weight.right": 4 * self.rank * d_in}
+        return factors | ({"bias": 4 * d_out} if has_bias else {})
 
     def query(self, name: str, weight: torch.Tensor, bias: torch.Tensor | None) -> Stored:
         return {"weight.full": weight} | ({} if bias is None else {"bias": bias})
@@ -159,6 +179,13 @@ class Quantized(Compressor):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         return self.inner.transform(name, weight, bias)
 
+    def layout(self, name: str, d_out: int, d_in: int, has_bias: bool) -> dict[str, int]:
+        """A byte per value, and an fp32 minimum and scale per tensor."""
+        layout = {}
+        for key, size in self.inner.layout(name, d_out, d_in, has_bias).items():
+            layout |= {key: size // 4, f"{key}.scale": 4, f"{key}.min": 4}
+        return layout
+
     def query(self, name: str, weight: torch.Tensor, bias: torch.Tensor | None) -> Stored:
         return self.inner.query(name, weight, bias)
 
@@ -187,21 +214,12 @@ def _codes(stored: Stored) -> list[str]:
     return [key for key, value in stored.items() if value.dtype == torch.uint8]
 
 
-def make_compressor(
-    compression: str,
-    shapes: dict[str, tuple[int, int]],
-    seed: int,
-    rank: int,
-    projection_dim: int,
-    quantize_bits: int | None,
-) -> Compressor:
-    """The compressor named by an index config."""
-    if compression not in COMPRESSIONS:
-        raise ValueError(f"Unknown compression {compression!r}; choose one of {COMPRESSIONS}.")
-    if compression == "projection":
-        compressor: Compressor = ProjectionCompressor(kronecker_projections(shapes, projection_dim, seed))
-    elif compression == "svd":
-        compressor = SVDCompressor(rank)
+def make_compressor(config: IndexConfig, shapes: dict[str, tuple[int, int]]) -> Compressor:
+    """The compressor an index config names, for layers of weight shapes `shapes`."""
+    if config.compression == "projection":
+        compressor: Compressor = ProjectionCompressor(kronecker_projections(shapes, config.projection_dim, config.seed))
+    elif config.compression == "svd":
+        compressor = SVDCompressor(config.rank)
     else:
         compressor = Compressor()
-    return compressor if quantize_bits is None else Quantized(compressor, quantize_bits)
+    return compressor if config.quantize_bits is None else Quantized(compressor, config.quantize_bits)

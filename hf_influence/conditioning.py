@@ -73,7 +73,10 @@ class ClassLabels(Conditioning):
         if isinstance(value, bool) or not isinstance(value, numbers.Integral):
             raise TypeError(f"Class labels must be ints or class names; column {self.column!r} has {value!r}.")
         if not 0 <= int(value) < self.num_classes:
-            raise ValueError(f"Class label {value} is outside the denoiser's {self.num_classes} classes.")
+            raise ValueError(
+                f"Class label must be a whole number between 0 and {self.num_classes - 1}, got {value!r} (the "
+                f"denoiser has {self.num_classes} classes)."
+            )
         return int(value)
 
     def encode(self, values: Sequence[Any]) -> Inputs:

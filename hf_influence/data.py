@@ -18,11 +18,11 @@ if TYPE_CHECKING:
 
 @dataclass
 class ExampleBatch:
-    """Training examples with their ids: `samples` holds their clean inputs in the denoiser's space (and their
+    """Training examples with their ids: `examples` holds their clean inputs in the denoiser's space (and their
     mirror images when training flipped) and their conditioning (class labels, caption embeddings)."""
 
     ids: list[Any]
-    samples: Examples
+    examples: Examples
 
 
 def dataset_length(dataset: Iterable) -> int | None:

@@ -18,6 +18,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from .deprecation import renamed_fields
 from .factors import FactorConfig
 from .files import atomic_write_text
 from .index import IndexConfig
@@ -27,6 +28,7 @@ DEFAULT_CACHE_DIR = "~/.cache/hf_influence/demo"
 STAGES = ("digits", "ddpm", "factors", "index")
 
 
+@renamed_fields(factor_draws="factor_draws_per_example", index_draws="index_draws_per_example")
 @dataclass
 class DemoConfig:
     """The demo's recipe, sized so that the first run takes minutes on a 2-core CPU and a query
@@ -39,8 +41,8 @@ class DemoConfig:
         train_steps: DDPM training steps.
         train_batch_size: digits per training step.
         learning_rate: AdamW learning rate of the DDPM (cosine schedule after a short warm-up).
-        factor_draws: (t, ε) draws per digit for each EK-FAC pass (covariances, then the correction).
-        index_draws: (t, ε) draws per digit averaged into its indexed training gradient (K).
+        factor_draws_per_example: (t, ε) draws per digit for each EK-FAC pass (covariances, then the correction).
+        index_draws_per_example: (t, ε) draws per digit averaged into its indexed training gradient (K).
         index_rank: rank per layer of the SVD compression of each indexed gradient (stored in 8 bits).
         top_k: proponents and opponents shown by the app.
         seed: seeds the UNet's initialisation, the training draws, the factors and the index.
@@ -52,8 +54,8 @@ class DemoConfig:
     train_steps: int = 4000
     train_batch_size: int = 64
     learning_rate: float = 1e-3
-    factor_draws: int = 2
-    index_draws: int = 4
+    factor_draws_per_example: int = 2
+    index_draws_per_example: int = 4
     index_rank: int = 4
     top_k: int = 8
     seed: int = 0
@@ -66,9 +68,19 @@ class DemoConfig:
             )
         if not 4 <= self.resolution <= 28:
             raise ValueError(f"resolution must be between 4 and 28 (the digits are 28×28), got {self.resolution}.")
-        if min(self.train_steps, self.train_batch_size, self.factor_draws, self.index_draws, self.index_rank) < 1:
+        if (
+            min(
+                self.train_steps,
+                self.train_batch_size,
+                self.factor_draws_per_example,
+                self.index_draws_per_example,
+                self.index_rank,
+            )
+            < 1
+        ):
             raise ValueError(
-                "train_steps, train_batch_size, factor_draws, index_draws and index_rank must be positive."
+                "train_steps, train_batch_size, factor_draws_per_example, index_draws_per_example and index_rank "
+                "must be positive."
             )
 
     def train_config(self) -> TrainConfig:
@@ -88,11 +100,15 @@ class DemoConfig:
         )
 
     def factor_config(self) -> FactorConfig:
-        return FactorConfig(draws_per_example=self.factor_draws, seed=self.seed)
+        return FactorConfig(draws_per_example=self.factor_draws_per_example, seed=self.seed)
 
     def index_config(self) -> IndexConfig:
         return IndexConfig(
-            num_draws=self.index_draws, seed=self.seed, compression="svd", rank=self.index_rank, quantize_bits=8
+            draws_per_example=self.index_draws_per_example,
+            seed=self.seed,
+            compression="svd",
+            rank=self.index_rank,
+            quantize_bits=8,
         )
 
 
@@ -181,7 +197,7 @@ def _factors_stage(demo: _Demo, task: Any, dataset: Any) -> Any:
     if factors is not None and demo.stages.matches("factors", settings):
         tqdm.write(f"[3/4] Factors: cached in {path}")
         return factors
-    tqdm.write(f"[3/4] Fitting EK-FAC factors ({config.factor_draws} draws per digit) → {path}")
+    tqdm.write(f"[3/4] Fitting EK-FAC factors ({config.factor_draws_per_example} draws per digit) → {path}")
     checkpoints = demo.cache / "factors-checkpoints"
     keep = demo.stages.matches("factors", settings)
     demo.stages.start("factors", settings, path, keep=keep)
@@ -204,7 +220,9 @@ def _index_stage(demo: _Demo, task: Any, dataset: Any) -> Any:
     if index is not None and len(index) == len(dataset) and demo.stages.matches("index", settings):
         tqdm.write(f"[4/4] Index: cached in {path}")
         return index
-    tqdm.write(f"[4/4] Indexing {len(dataset)} training gradients ({config.index_draws} draws each) → {path}")
+    tqdm.write(
+        f"[4/4] Indexing {len(dataset)} training gradients ({config.index_draws_per_example} draws each) → {path}"
+    )
     # Resume a partial build of the same settings; a finished but unreadable one is rebuilt.
     keep = demo.stages.matches("index", settings) and not (path / "config.json").exists()
     demo.stages.start("index", settings, path, keep=keep)

@@ -31,12 +31,12 @@ PassStep = Callable[[slice, "DenoiserOutput", "Draws"], None]  # (the pass's exa
 
 @dataclass(frozen=True)
 class DrawPlan:
-    """What each example's draws are and what is computed on them: `objective` per draw (the training loss or
-    a measurement), over `draws_per_example` draws seeded by (seed, stream, example id), `batch_size` draws per
-    forward pass (so nothing depends on `batch_size`). `augment` applies the task's training augmentation
-    (flips, conditioning dropout); `timestep` fixes t instead of drawing it."""
+    """What each example's draws are and what is computed on them: `measurement` per draw (the training loss,
+    or a measurement of generated samples), over `draws_per_example` draws seeded by (seed, stream, example
+    id), `batch_size` draws per forward pass (so nothing depends on `batch_size`). `augment` applies the task's
+    training augmentation (flips, conditioning dropout); `timestep` fixes t instead of drawing it."""
 
-    objective: Measurement
+    measurement: Measurement
     draws_per_example: int
     seed: int
     stream: str
@@ -60,10 +60,10 @@ class DrawPlan:
         return max(1, self.batch_size // self.draws_per_example)
 
     def values(self, task: DiffusionTask, output: DenoiserOutput, ids: Sequence[Any]) -> torch.Tensor:
-        """The objective of every draw of a pass, refused by example id when not finite."""
-        values = self.objective(task, output)
+        """The measurement of every draw of a pass, refused by example id when not finite."""
+        values = self.measurement(task, output)
         if not torch.isfinite(values).all():
-            raise FloatingPointError(f"The {self.objective.name} is NaN or infinite for examples {list(ids)}.")
+            raise FloatingPointError(f"The {self.measurement.name} is NaN or infinite for examples {list(ids)}.")
         return values
 
 

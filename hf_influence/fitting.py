@@ -196,7 +196,7 @@ class _Fit:
                 show_progress=self.ranks.is_main,
             )
             for number, batch in enumerate(batches, start=1):
-                run_draws(task, batch.samples, batch.ids, plan, backward)
+                run_draws(task, batch.examples, batch.ids, plan, backward)
                 examples += len(batch.ids)
                 if self.checkpoint is not None and number % self.checkpoint.every == 0:
                     sums = accumulator.state_dict()

@@ -40,40 +40,40 @@ def gradient_dtype(task: DiffusionTask) -> torch.dtype:
 def for_each_example_gradient(
     task: DiffusionTask,
     layers: dict[str, nn.Module],
-    samples: Examples | torch.Tensor,
+    examples: Examples | torch.Tensor,
     ids: Sequence[Any],
     plan: DrawPlan,
     consume: GradientConsumer,
     dtype: torch.dtype = torch.float32,
 ) -> None:
-    """Hand `consume` each layer's per-example gradients of `plan.objective`, pass by pass.
+    """Hand `consume` each layer's per-example gradients of `plan.measurement`, pass by pass.
 
-    `samples` are `Examples` (from `task.examples`, or a training batch, with their conditioning) or, for an
+    `examples` are `Examples` (from `task.examples`, or a training batch, with their conditioning) or, for an
     unconditional pipeline, a tensor of clean samples in the denoiser's space. When an example's draws do not
     fit in one pass, `consume` receives its gradient in parts that sum to the whole.
     """
-    examples = slice(0, 0)
+    current = slice(0, 0)  # the examples of the pass being backpropagated
 
     def on_backward(name: str, module: nn.Module, kind: type[LayerKind], inputs: torch.Tensor, grad: torch.Tensor):
-        count = examples.stop - examples.start
+        count = current.stop - current.start
         weight = kind.summed_gradients(module, inputs.to(dtype), grad.to(dtype), count)
         bias = kind.output_gradients(module, grad).to(dtype).reshape(count, -1, weight.shape[1]).sum(dim=1)
-        consume(name, examples, weight, bias if module.bias is not None else None)
+        consume(name, current, weight, bias if module.bias is not None else None)
 
     with LayerCapture(layers, on_backward=on_backward) as capture:
 
         def backward(rows: slice, output: Any, draws: Any) -> None:
-            nonlocal examples
-            examples = rows
+            nonlocal current
+            current = rows
             capture.backward(plan.values(task, output, ids[rows]).sum() / plan.draws_per_example)
 
-        run_draws(task, samples, ids, plan, backward)
+        run_draws(task, examples, ids, plan, backward)
 
 
 def per_example_gradients(
     task: DiffusionTask,
     layers: dict[str, nn.Module],
-    samples: Examples | torch.Tensor,
+    examples: Examples | torch.Tensor,
     ids: Sequence[Any],
     plan: DrawPlan,
     dtype: torch.dtype | None = None,
@@ -85,25 +85,25 @@ def per_example_gradients(
     weights: dict[str, torch.Tensor] = {}
     biases: dict[str, torch.Tensor] = {}
 
-    def accumulate(name: str, examples: slice, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+    def accumulate(name: str, rows: slice, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
         if transform is not None:
             weight, bias = transform(name, weight, bias)
         if name not in weights:
             weights[name] = weight.new_zeros(len(ids), *weight.shape[1:])
             if bias is not None:
                 biases[name] = bias.new_zeros(len(ids), bias.shape[1])
-        weights[name][examples] += weight
+        weights[name][rows] += weight
         if bias is not None:
-            biases[name][examples] += bias
+            biases[name][rows] += bias
 
-    for_each_example_gradient(task, layers, samples, ids, plan, accumulate, dtype)
+    for_each_example_gradient(task, layers, examples, ids, plan, accumulate, dtype)
     return {name: (weights[name], biases.get(name)) for name in layers}
 
 
 def per_example_scores(
     task: DiffusionTask,
     layers: dict[str, nn.Module],
-    samples: Examples | torch.Tensor,
+    examples: Examples | torch.Tensor,
     ids: Sequence[Any],
     plan: DrawPlan,
     queries: LayerGradients,
@@ -113,14 +113,14 @@ def per_example_scores(
     num_queries = len(next(iter(queries.values()))[0])
     scores = torch.zeros(num_queries, len(ids), dtype=gradient_dtype(task), device=task.device)
 
-    def score(name: str, examples: slice, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+    def score(name: str, rows: slice, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
         query_weight, query_bias = queries[name]
         part = query_weight.flatten(1) @ weight.flatten(1).to(query_weight.dtype).T
         if bias is not None:
             part += query_bias @ bias.to(query_bias.dtype).T
-        scores[:, examples] += part
+        scores[:, rows] += part
 
-    for_each_example_gradient(task, layers, samples, ids, plan, score, scores.dtype)
+    for_each_example_gradient(task, layers, examples, ids, plan, score, scores.dtype)
     return scores
 
 
@@ -138,6 +138,6 @@ def query_gradients(
     """Gradients of the measurement of each query (no augmentation; query `i` has id `i`). `queries` are images
     (conditioned on their class `labels` or `prompts` as they were generated) or `Examples` already encoded."""
     measurement = get_measurement(measurement)
-    samples = queries if isinstance(queries, Examples) else task.examples(queries, labels=labels, prompts=prompts)
+    examples = queries if isinstance(queries, Examples) else task.examples(queries, labels=labels, prompts=prompts)
     plan = DrawPlan.query(measurement, draws_per_query, seed, batch_size)
-    return per_example_gradients(task, layers, samples, list(range(len(samples))), plan)
+    return per_example_gradients(task, layers, examples, list(range(len(examples))), plan)

@@ -31,17 +31,19 @@ def load_pipeline(
     label_column: str | None = None,
     caption_column: str | None = None,
     condition_dropout: float = 0.0,
+    pipeline_kwargs: dict[str, Any] | None = None,
 ) -> tuple[Any, DiffusionTask]:
     """The pipeline (a folder or Hub id, at `revision`, moved to `device` when given) and its task.
 
     `image_column` and `random_flip` default to what training recorded (see the module); `label_column`
     (class-conditional pipelines), `caption_column` (text-to-image) and `condition_dropout` go to
-    `DiffusionTask.from_pipeline`.
+    `DiffusionTask.from_pipeline`; `pipeline_kwargs` to `DiffusionPipeline.from_pretrained` (e.g.
+    `text_encoder_3=None, tokenizer_3=None` to leave SD3's T5 out).
     """
     from diffusers import DiffusionPipeline
 
     folder, source = download_pipeline(pipeline, revision)
-    loaded = DiffusionPipeline.from_pretrained(folder)
+    loaded = DiffusionPipeline.from_pretrained(folder, **(pipeline_kwargs or {}))
     if device is not None:
         loaded = loaded.to(device)
     recorded = training_settings(folder)
@@ -52,8 +54,8 @@ def load_pipeline(
         label_column=label_column,
         caption_column=caption_column,
         condition_dropout=condition_dropout,
+        source=source,
     )
-    task.source = source  # source: see DiffusionTask
     return loaded, task
 
 

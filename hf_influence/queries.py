@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from .checks import check_integer
+from .validation import check_integer
 
 # conditioning kind → (what such a pipeline is, what its user is asked for)
 CONDITIONINGS = {
@@ -49,24 +49,27 @@ class QueryConditions:
         """Check `labels` (class ids, or the pipeline's class names) or `prompts` against `task.conditioning`
         and give each of the `count` queries its own: one value given is used for every query.
 
-        `options` names where a person gives each kind (e.g. `{"labels": "--label"}`), so that an error
-        says what to change; a ValueError says what is missing or wrong.
+        `options` names where a person gives each kind (e.g. `{"labels": "--label"}` on the command line, `{}` in
+        a form), so that an error says what to change; without it (None) the errors name the Python arguments.
+        A ValueError says what is missing or wrong.
         """
         if count < 1:
             raise ValueError(f"There must be at least one query, got {count}.")
-        options = options or {}
         kind = None if task.conditioning is None else task.conditioning.kind
         described, ask = CONDITIONINGS[kind]
         given = {"labels": _as_list(labels), "prompts": _as_list(prompts)}
         for other, values in given.items():
             if values is not None and other != kind:
-                raise ValueError(f"This pipeline is {described}: it takes no {other}{_named(options, other)}.")
+                state = "unconditional" if kind is None else f"conditioned on {kind}"
+                named = _named(options or {}, other)
+                raise ValueError(f"{other}= was given{named}, but this pipeline is {state}: it takes no {other}.")
         if kind is None:
             return cls(count)
         values = given[kind]
         if not values:
             each = f", one for all {count} queries or one per query" if count > 1 else ""
-            raise ValueError(f"This pipeline is {described}: {ask}{_named(options, kind)}{each}.")
+            hint = f" (it is conditioned on {kind}: pass {kind}=[...])" if options is None else ""
+            raise ValueError(f"This pipeline is {described}: {ask}{_named(options or {}, kind)}{each}{hint}.")
         if len(values) not in (1, count):
             raise ValueError(
                 f"{len(values)} {kind} were given for {count} queries{_named(options, kind)}: "
@@ -118,8 +121,9 @@ def _named(options: Mapping[str, str], kind: str) -> str:
 
 
 def _class_id(conditioning: Any, value: Any) -> int:
-    """A class name (the pipeline's id2label, e.g. a DiT's) or a class id, as the id that both the
-    pipeline's `class_labels=` and the task take."""
-    if isinstance(value, str) and value in conditioning.names:
-        return conditioning.names[value]
-    return check_integer("Class label", value, 0, conditioning.num_classes - 1)
+    """A class name (the pipeline's id2label, e.g. a DiT's) or a class id — typed ("7", 7.0) or not — as the id
+    that both the pipeline's `class_labels=` and the task take."""
+    typed_number = isinstance(value, str) and value not in conditioning.names and value.strip().isdigit()
+    if typed_number or (isinstance(value, float) and value.is_integer()):
+        value = check_integer("Class label", value, 0, conditioning.num_classes - 1)
+    return conditioning.class_id(value)

@@ -30,6 +30,7 @@ from .latents import LatentEncoder, check_vae
 from .noise_schedules import PREDICTION_TYPES, NoiseSchedule, noise_schedule
 from .pipeline_checks import pipeline_denoiser
 from .provenance import ModelProvenance, ModelSource
+from .queries import QueryConditions
 
 __all__ = ["PREDICTION_TYPES", "DenoiserOutput", "DiffusionTask", "Draws", "Examples"]
 
@@ -160,18 +161,16 @@ class DiffusionTask:
         pipeline_kwargs: dict[str, Any] | None = None,
         **kwargs: Any,
     ) -> DiffusionTask:
-        """Load a diffusers pipeline (Hub id or local folder) and build the task from it; the task's
-        `source` records the repo id and the commit it was read at (the factors' provenance).
+        """Load a diffusers pipeline (Hub id or local folder) and build the task from it, reading the data as
+        training did (`pipelines.load_pipeline`); the task's `source` records the repo id and the commit it was
+        read at (the factors' provenance).
 
         `pipeline_kwargs` go to `DiffusionPipeline.from_pretrained` (e.g. `text_encoder_3=None,
-        tokenizer_3=None` for SD3 without T5); `kwargs` to `from_pipeline`."""
-        from diffusers import DiffusionPipeline
+        tokenizer_3=None` for SD3 without T5); `kwargs` (image_column, label_column, caption_column,
+        random_flip, condition_dropout) to `from_pipeline`."""
+        from .pipelines import load_pipeline
 
-        from .hub import download_pipeline
-
-        folder, source = download_pipeline(repo_or_dir, revision)
-        pipeline = DiffusionPipeline.from_pretrained(folder, **(pipeline_kwargs or {}))
-        return cls.from_pipeline(pipeline, source=source, **kwargs)
+        return load_pipeline(repo_or_dir, revision, pipeline_kwargs=pipeline_kwargs, **kwargs)[1]
 
     # ------------------------------------------------------------------ properties
 
@@ -309,34 +308,20 @@ class DiffusionTask:
     def query_conditions(
         self, labels: Sequence[Any] | None, prompts: Sequence[str] | None, count: int
     ) -> list[Any] | None:
-        """The query-side conditioning of `count` queries: `labels` for a class-conditional task, `prompts` for a
-        text one (one value is used for every query), None for an unconditional one."""
-        given = {"labels": labels, "prompts": prompts}
-        wanted = None if self.conditioning is None else self.conditioning.kind
-        for kind, values in given.items():
-            if values is not None and kind != wanted:
-                reason = "is unconditional" if wanted is None else f"is conditioned on {wanted}"
-                raise ValueError(f"{kind}= was given, but this pipeline {reason}.")
-        if wanted is None:
-            return None
-        values = given[wanted]
-        if values is None:
-            raise ValueError(f"This pipeline is conditioned on {wanted}: pass {wanted}=[...] (one per image).")
-        values = [values] if isinstance(values, (str, int, np.integer)) else list(values)
-        if len(values) == 1:
-            values = values * count
-        if len(values) != count:
-            raise ValueError(f"{len(values)} {wanted} were given for {count} images: give one, or one per image.")
-        return values
+        """The query-side conditioning of `count` queries (`queries.QueryConditions`): one class id per query for
+        a class-conditional task, one prompt for a text one (one value is used for every query), None for an
+        unconditional one."""
+        conditions = QueryConditions.for_task(self, count, labels, prompts)
+        return conditions.labels if conditions.labels is not None else conditions.prompts
 
-    def as_examples(self, samples: Examples | torch.Tensor) -> Examples:
+    def as_examples(self, examples: Examples | torch.Tensor) -> Examples:
         """`Examples` as they are; a tensor `(B, C, H, W)` as clean samples in the denoiser's space (pixels in
         [-1, 1] for a pixel pipeline, scaled latents for a latent one) of an unconditional pipeline."""
-        if isinstance(samples, Examples):
-            return samples
-        if samples.shape[1:] != self.sample_shape:
+        if isinstance(examples, Examples):
+            return examples
+        if examples.shape[1:] != self.sample_shape:
             raise ValueError(
-                f"Samples have shape {tuple(samples.shape[1:])} but the denoiser takes {self.sample_shape}: "
+                f"Examples have shape {tuple(examples.shape[1:])} but the denoiser takes {self.sample_shape}: "
                 "turn images into Examples with task.examples(images, ...) first."
             )
         if self.conditioning is not None:
@@ -344,7 +329,7 @@ class DiffusionTask:
                 f"This pipeline is conditioned on {self.conditioning.kind}: pass Examples from "
                 f"task.examples(images, {self.conditioning.kind}=...) instead of a tensor."
             )
-        views = [samples, samples.flip(-1)] if self.random_flip else [samples]
+        views = [examples, examples.flip(-1)] if self.random_flip else [examples]
         return Examples(torch.stack(views, dim=1))
 
     # ------------------------------------------------------------------ draws and loss
@@ -363,7 +348,7 @@ class DiffusionTask:
 
     def run(
         self,
-        samples: Examples | torch.Tensor,
+        examples: Examples | torch.Tensor,
         ids: Sequence[Any],
         num_draws: int,
         draw_rows: slice,
@@ -378,7 +363,7 @@ class DiffusionTask:
             if len(ids) != 1:
                 raise ValueError("A subset of draws can only be taken for one example at a time.")
             draws = draws.rows(draw_rows)
-        output = self.predict(samples, draws, repeats=len(draws) // len(ids))
+        output = self.predict(examples, draws, repeats=len(draws) // len(ids))
         if not torch.isfinite(output.prediction).all():
             raise FloatingPointError(
                 f"The denoiser returned NaN or infinite values for examples {list(ids)}: "
@@ -391,14 +376,14 @@ class DiffusionTask:
         return self.schedule.target(clean, noise, timesteps)
 
     def noisy_inputs(
-        self, samples: Examples | torch.Tensor, draws: Draws, repeats: int
+        self, examples: Examples | torch.Tensor, draws: Draws, repeats: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(clean, noisy): each example's `x0` repeated `repeats` times (example-major), flipped, sampled from
         the VAE posterior and noised per `draws`.
 
         Computed in fp32 (fp64 for an fp64 model), as diffusers computes the loss of half models.
         """
-        examples = self.as_examples(samples)
+        examples = self.as_examples(examples)
         device, loss_dtype = self.device, self._loss_dtype()
         rows = torch.arange(len(examples), device=device).repeat_interleave(repeats)
         view = draws.flip.to(device).long()
@@ -428,9 +413,9 @@ class DiffusionTask:
             inputs[name] = value.to(self.dtype) if value.is_floating_point() else value
         return inputs
 
-    def predict(self, samples: Examples | torch.Tensor, draws: Draws, repeats: int) -> DenoiserOutput:
-        """The denoiser's prediction and training target on `samples` noised per `draws`."""
-        examples = self.as_examples(samples)
+    def predict(self, examples: Examples | torch.Tensor, draws: Draws, repeats: int) -> DenoiserOutput:
+        """The denoiser's prediction and training target on `examples` noised per `draws`."""
+        examples = self.as_examples(examples)
         clean, noisy = self.noisy_inputs(examples, draws, repeats)
         timesteps = draws.timesteps.to(self.device)
         inputs = self.denoiser_inputs(examples, draws, repeats)

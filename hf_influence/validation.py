@@ -1,5 +1,9 @@
 """Checks at the boundary: every public function and config refuses a bad argument with a message that names
-the argument, the value given and what is accepted, before any work is done."""
+the argument, the value given and what is accepted, before any work is done.
+
+`check_int` and `check_float` are for arguments of the API (an int must be an int). `check_integer` and
+`check_damping` are for values a person typed (a form field, a request): "3", 3.0 and 3 are all the number 3.
+"""
 
 from __future__ import annotations
 
@@ -76,3 +80,26 @@ def _range(minimum: float | None, maximum: float | None) -> str:
     if maximum is not None:
         return f" ≤ {maximum}"
     return ""
+
+
+def check_integer(name: str, value: Any, low: int, high: int) -> int:
+    """A typed `value` as an int in [low, high] (whole-valued floats and numeric strings accepted), or a
+    ValueError that names the field and the range."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a whole number between {low} and {high}, got {value!r}.") from None
+    if not math.isfinite(number) or number != int(number) or not low <= number <= high:
+        raise ValueError(f"{name} must be a whole number between {low} and {high}, got {value!r}.")
+    return int(number)
+
+
+def check_damping(value: Any) -> float:
+    """A typed `value` as a damping λ: a finite number ≥ 0 (it is added to the curvature's eigenvalues)."""
+    try:
+        damping = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"Damping must be a number ≥ 0, got {value!r}.") from None
+    if not math.isfinite(damping) or damping < 0:
+        raise ValueError(f"Damping must be a finite number ≥ 0, got {value!r}.")
+    return damping

@@ -90,7 +90,7 @@ def test_trak_and_d_trak_match_a_dense_computation(objective):
     train = as_dataset(images(9, 0))
     queries = images(3, 1)
     config = TRAKConfig(
-        output_function=objective,
+        measurement=objective,
         projection_dim=5,
         draws_per_example=DRAWS,
         seed=SEED,

@@ -8,6 +8,7 @@ from conftest import tiny_unet
 from diffusers import DDPMPipeline, DDPMScheduler
 
 from hf_influence.pipelines import load_pipeline
+from hf_influence.provenance import ModelSource
 
 
 def test_the_task_reads_the_data_as_training_did(tmp_path):
@@ -19,7 +20,7 @@ def test_the_task_reads_the_data_as_training_did(tmp_path):
     pipeline, task = load_pipeline(tmp_path, device="cpu")
     assert (task.image_column, task.random_flip) == ("picture", True)
     assert task.denoiser is pipeline.unet and task.scheduler is pipeline.scheduler
-    assert task.source == {"repo_id": str(tmp_path), "revision": None}
+    assert task.source == ModelSource(repo_id=str(tmp_path), revision=None)
 
     _, task = load_pipeline(tmp_path, image_column="img", random_flip=False)  # what is given wins
     assert (task.image_column, task.random_flip) == ("img", False)

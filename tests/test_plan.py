@@ -132,9 +132,7 @@ def test_index_bytes_match_what_the_compressor_stores(index_config: hfi.IndexCon
     result = hfi.plan(model, index_config=index_config)
     layers = dict(hfi.curvature.find_layers(model))
     shapes = {layer.name: (layer.d_out, layer.d_in) for layer in result.layers}
-    compressor, _ = make_compressor(
-        index_config.compression, shapes, 0, index_config.rank, index_config.projection_dim, index_config.quantize_bits
-    )
+    compressor = make_compressor(index_config, shapes)
     projections = kronecker_projections(shapes, index_config.projection_dim, 0)
     for layer in result.layers:
         weight = torch.randn(1, layer.d_out, layer.d_in)

@@ -36,12 +36,16 @@ def test_one_value_is_used_for_every_query():
 @pytest.mark.parametrize(
     ("task", "given", "message"),
     [
-        (UNCONDITIONAL, {"labels": [1]}, r"unconditional: it takes no labels \(--label\)"),
-        (LABELS, {"prompts": ["a seven"]}, r"class-conditional: it takes no prompts \(--prompt\)"),
+        (UNCONDITIONAL, {"labels": [1]}, r"labels= was given \(--label\), but this pipeline is unconditional"),
+        (
+            LABELS,
+            {"prompts": ["a seven"]},
+            r"prompts= was given \(--prompt\), but this pipeline is conditioned on labels",
+        ),
         (LABELS, {}, r"class-conditional: choose a class label \(--label\), one for all 2 queries or one per query"),
         (LABELS, {"labels": [1, 2, 3]}, r"3 labels were given for 2 queries \(--label\)"),
         (LABELS, {"labels": [1, 10]}, "Class label must be a whole number between 0 and 9, got 10"),
-        (LABELS, {"labels": ["seven"]}, "Class label must be a whole number between 0 and 9, got 'seven'"),
+        (LABELS, {"labels": ["seven"]}, "Unknown class name 'seven'"),
         (PROMPTS, {"prompts": ["a seven", "  "]}, r"text-conditional: write a prompt \(--prompt\)"),
     ],
 )
@@ -52,7 +56,7 @@ def test_refusals_say_what_to_change(task, given, message):
 
 def test_refusals_without_options_and_guidance_without_a_condition():
     with pytest.raises(ValueError, match=r"class-conditional: choose a class label\.$"):  # the Space's wording
-        QueryConditions.for_task(LABELS, 1)
+        QueryConditions.for_task(LABELS, 1, options={})
     with pytest.raises(ValueError, match="at least one query"):
         QueryConditions.for_task(UNCONDITIONAL, 0)
     with pytest.raises(ValueError, match=r"guidance_scale=2\.0 was given, but this pipeline is unconditional"):

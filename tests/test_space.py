@@ -229,8 +229,10 @@ def test_space_app_serves_from_environment_variables(artifacts, direct, tmp_path
 def test_config_from_environment():
     names = {"HFI_PIPELINE": "p", "HFI_FACTORS": "f", "HFI_INDEX": "i", "HFI_DATASET": "d"}
     assert config_from_environment({}) is None
-    config = config_from_environment({**names, "HFI_TOP_K": "5", "HFI_DAMPING": "1e-6", "HFI_NUM_QUERY_DRAWS": "3"})
-    assert (config.pipeline, config.top_k, config.damping, config.num_query_draws) == ("p", 5, 1e-6, 3)
+    config = config_from_environment({**names, "HFI_TOP_K": "5", "HFI_DAMPING": "1e-6", "HFI_DRAWS_PER_QUERY": "3"})
+    assert (config.pipeline, config.top_k, config.damping, config.draws_per_query) == ("p", 5, 1e-6, 3)
+    with pytest.warns(FutureWarning, match=r"num_query_draws=\.\.\.\) is deprecated: use draws_per_query"):
+        assert config_from_environment({**names, "HFI_NUM_QUERY_DRAWS": "3"}).draws_per_query == 3
     with pytest.raises(ValueError, match="missing: HFI_FACTORS, HFI_INDEX, HFI_DATASET"):
         config_from_environment({"HFI_PIPELINE": "p"})
     with pytest.raises(ValueError, match="HFI_TOP_K='many' is not a valid int"):

@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from dataclasses import InitVar, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from ..curvature.layers import find_layers
-from ..deprecation import renamed_argument
+from ..deprecation import renamed_fields
 from ..engine import DrawPlan, dataset_batches
 from ..gradients import LayerGradients, per_example_gradients
 from ..measurements import Loss, SquareNorm
@@ -31,15 +31,16 @@ from ..seeding import seeded_generator
 from ..task import DiffusionTask
 from ..validation import check_choice, check_float, check_int
 
-OUTPUT_FUNCTIONS = {"loss": Loss, "square_norm": SquareNorm}
+MEASUREMENTS = {"loss": Loss, "square_norm": SquareNorm}
 
 
+@renamed_fields(num_draws="draws_per_example", output_function="measurement")
 @dataclass
 class TRAKConfig:
     """How TRAK / D-TRAK features and scores are computed.
 
     Attributes:
-        output_function: "loss" (TRAK: training loss on both sides) or "square_norm" (D-TRAK: mean of
+        measurement: "loss" (TRAK: training loss on both sides) or "square_norm" (D-TRAK: mean of
             the squared denoiser output on both sides).
         projection_dim: dimension k of the Gaussian projection of each gradient.
         draws_per_example: (t, ε) draws averaged per example, on both sides (training examples and queries).
@@ -52,7 +53,7 @@ class TRAKConfig:
         id_column: the dataset column with stable example ids.
     """
 
-    output_function: str = "loss"
+    measurement: str = "loss"
     projection_dim: int = 2048
     draws_per_example: int = 100
     damping: float = 1e-3
@@ -62,12 +63,8 @@ class TRAKConfig:
     module_filter: str | None = None
     id_column: str = "id"
 
-    num_draws: InitVar[int | None] = None  # deprecated name of draws_per_example
-
-    def __post_init__(self, num_draws: int | None) -> None:
-        draws = renamed_argument("TRAKConfig(num_draws=...)", num_draws, "draws_per_example", self.draws_per_example, 4)
-        self.draws_per_example = draws
-        check_choice("TRAKConfig.output_function", self.output_function, sorted(OUTPUT_FUNCTIONS))
+    def __post_init__(self) -> None:
+        check_choice("TRAKConfig.measurement (formerly output_function)", self.measurement, sorted(MEASUREMENTS))
         for name in ("projection_dim", "draws_per_example", "batch_size", "examples_per_projection"):
             setattr(self, name, check_int(f"TRAKConfig.{name}", getattr(self, name), minimum=1))
         self.damping = check_float("TRAKConfig.damping", self.damping, minimum=0)
@@ -120,14 +117,14 @@ class TRAK:
         self.config = config or TRAKConfig()
         self.layers = find_layers(task.denoiser, self.config.module_filter)
         self.projection = GaussianProjection(self.config.projection_dim, self.config.seed)
-        objective = OUTPUT_FUNCTIONS[self.config.output_function]()
+        measurement = MEASUREMENTS[self.config.measurement]()
         c = self.config
-        self.train_plan = DrawPlan(objective, c.draws_per_example, c.seed, "train", c.batch_size, augment=True)
-        self.query_plan = DrawPlan(objective, c.draws_per_example, c.seed, "query", c.batch_size)
+        self.train_plan = DrawPlan(measurement, c.draws_per_example, c.seed, "train", c.batch_size, augment=True)
+        self.query_plan = DrawPlan(measurement, c.draws_per_example, c.seed, "query", c.batch_size)
         features, ids = [], []
         batches = dataset_batches(train_dataset, task, c.examples_per_projection, c.id_column, "TRAK features")
         for batch in batches:
-            features.append(self._features(batch.samples, batch.ids, self.train_plan))
+            features.append(self._features(batch.examples, batch.ids, self.train_plan))
             ids.extend(batch.ids)
         self.train_features = torch.cat(features)  # (N, k) fp64
         self.ids = ids
@@ -135,8 +132,8 @@ class TRAK:
         self.kernel_eigenvalues, self.kernel_eigenvectors = torch.linalg.eigh((kernel + kernel.T) / 2)
         self.kernel_scale = kernel.trace().item() / c.projection_dim
 
-    def _features(self, samples: Any, ids: list[Any], plan: DrawPlan) -> torch.Tensor:
-        gradients = per_example_gradients(self.task, self.layers, samples, ids, plan)
+    def _features(self, examples: Any, ids: list[Any], plan: DrawPlan) -> torch.Tensor:
+        gradients = per_example_gradients(self.task, self.layers, examples, ids, plan)
         return self.projection.project(gradients)
 
     def query_features(self, queries: Any) -> torch.Tensor:

@@ -74,6 +74,10 @@ class CurvatureStrategy:
         eigenvectors in `vector_size`; covariances only when kept."""
         raise NotImplementedError
 
+    def correction_bytes(self, d_out: int, rank: int, value_size: int) -> int:
+        """Bytes of a layer's eigenvalue-correction sums during a fit (none unless the strategy corrects)."""
+        return 0
+
     def check(self, name: str, layer: LayerFactors, shape: tuple[int, int], rank: int) -> None:
         """Refuse a layer's loaded factors that are incomplete, of the wrong shape or not finite (whether the
         layer has a bias is the model's business: a bias block is checked where there is one)."""
@@ -165,11 +169,11 @@ class KFAC(CurvatureStrategy):
             gradient_covariance=gradient,
             activation_eigenvectors=activation_pairs.vectors,
             gradient_eigenvectors=gradient_pairs.vectors,
-            **self._eigenvalues(activation_pairs, gradient_pairs, has_bias),
+            **self._fitted_eigenvalues(activation_pairs, gradient_pairs, has_bias),
         )
 
-    @staticmethod
-    def _eigenvalues(activation_pairs: Eigenpairs, gradient_pairs: Eigenpairs, has_bias: bool) -> dict:
+    def _fitted_eigenvalues(self, activation_pairs: Eigenpairs, gradient_pairs: Eigenpairs, has_bias: bool) -> dict:
+        """The eigenvalues the covariance pass gives: each factor's, the bias block's and a truncated complement's."""
         values = {"activation_eigenvalues": activation_pairs.values, "gradient_eigenvalues": gradient_pairs.values}
         if activation_pairs.residual is not None:
             values["activation_residual_eigenvalue"] = activation_pairs.residual
@@ -246,21 +250,9 @@ class EKFAC(KFAC):
     name = "ekfac"
     corrects_eigenvalues = True
 
-    def layer_factors(
-        self,
-        activation: torch.Tensor,
-        gradient: torch.Tensor,
-        activation_pairs: Eigenpairs,
-        gradient_pairs: Eigenpairs,
-        has_bias: bool,
-    ) -> LayerFactors:
-        """The covariances and eigenvectors; the eigenvalues come from the correction pass (`corrected`)."""
-        return LayerFactors(
-            activation_covariance=activation,
-            gradient_covariance=gradient,
-            activation_eigenvectors=activation_pairs.vectors,
-            gradient_eigenvectors=gradient_pairs.vectors,
-        )
+    def _fitted_eigenvalues(self, activation_pairs: Eigenpairs, gradient_pairs: Eigenpairs, has_bias: bool) -> dict:
+        """None: EK-FAC's eigenvalues come from the correction pass (`corrected`)."""
+        return {}
 
     def corrected(
         self, layer: LayerFactors, weight: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor | None
@@ -273,6 +265,10 @@ class EKFAC(KFAC):
 
     def _eigenvalue_count(self, d_out: int, rank: int, has_bias: bool, truncated: bool) -> int:
         return d_out * rank + d_out * (has_bias + truncated)
+
+    def correction_bytes(self, d_out: int, rank: int, value_size: int) -> int:
+        """The kept columns, and the bias and complement sums (one value per gradient direction each)."""
+        return (d_out * rank + 2 * d_out) * value_size
 
     def weight_eigenvalues(self, layer: LayerFactors) -> torch.Tensor:
         return layer.eigenvalues

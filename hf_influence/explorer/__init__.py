@@ -9,7 +9,7 @@ their scores and dataset rows, and the distribution of the scores over the whole
 - `app`: `build_app` lays the engine out as `gr.Blocks`; `serve` launches it with the queue on.
 """
 
-from ..checks import check_damping, check_integer
+from ..validation import check_damping, check_integer
 from .app import build_app, serve, theme, user_errors
 from .config import ENVIRONMENT_PREFIX, ExplorerConfig, config_from_environment
 from .engine import HISTOGRAM_BINS, MAX_SEED, Explanation, InfluenceExplorer, score_histogram

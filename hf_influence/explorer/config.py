@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..attribution import DEFAULT_DAMPING
+from ..deprecation import renamed_fields
 from ..generation import SAMPLERS
 from ..measurements import MEASUREMENTS
 
@@ -18,6 +19,7 @@ ENVIRONMENT_PREFIX = "HFI_"
 ARTIFACTS = ("pipeline", "factors", "index", "dataset")
 
 
+@renamed_fields(num_query_draws="draws_per_query")
 @dataclass
 class ExplorerConfig:
     """What the explorer loads and how it answers.
@@ -41,7 +43,7 @@ class ExplorerConfig:
         max_top_k: the largest top_k a request may ask for.
         measurement: default measurement ("loss", "simplified_elbo" or "square_norm").
         damping: default damping λ added to the curvature's eigenvalues.
-        num_query_draws: (t, ε) draws of the query's measurement (None: the index's K).
+        draws_per_query: (t, ε) draws of the query's measurement (None: the index's draws per example).
         query_seed: seeds the query draws, so one image always gets the same scores.
         sampler: "ddim" (DDIM from the pipeline's scheduler config, good in few steps) or "pipeline"
             (the pipeline's own scheduler).
@@ -70,7 +72,7 @@ class ExplorerConfig:
     max_top_k: int = 32
     measurement: str = "loss"
     damping: float = DEFAULT_DAMPING
-    num_query_draws: int | None = None
+    draws_per_query: int | None = None
     query_seed: int = 0
     sampler: str = "ddim"
     num_inference_steps: int = 50
@@ -119,16 +121,18 @@ def config_from_environment(
     them in its settings; None when none of the four artifacts is given."""
     environ = os.environ if environ is None else environ
     hints = typing.get_type_hints(ExplorerConfig)
+    names = {config_field.name: config_field.name for config_field in dataclasses.fields(ExplorerConfig)}
+    names |= ExplorerConfig.RENAMED_FIELDS  # the old variable names still work (the config warns)
     values: dict[str, Any] = {}
-    for name in (config_field.name for config_field in dataclasses.fields(ExplorerConfig)):
-        raw = environ.get(prefix + name.upper())
+    for variable, name in names.items():
+        raw = environ.get(prefix + variable.upper())
         if raw is None or raw == "":
             continue
         kind = next((arg for arg in typing.get_args(hints[name]) if arg is not type(None)), hints[name])
         try:
-            values[name] = kind(raw)
+            values[variable] = kind(raw)
         except ValueError:
-            raise ValueError(f"{prefix}{name.upper()}={raw!r} is not a valid {kind.__name__}.") from None
+            raise ValueError(f"{prefix}{variable.upper()}={raw!r} is not a valid {kind.__name__}.") from None
     missing = [name for name in ARTIFACTS if name not in values]
     if len(missing) == len(ARTIFACTS):
         return None

@@ -16,7 +16,6 @@ import PIL.Image
 import torch
 
 from ..attribution import AttributionResult, Attributor
-from ..checks import check_damping, check_integer
 from ..datasets_io import load_training_dataset
 from ..display import upscale
 from ..factors import InfluenceFactors
@@ -26,6 +25,7 @@ from ..measurements import MEASUREMENTS
 from ..pipelines import load_pipeline
 from ..queries import QueryConditions
 from ..task import DiffusionTask
+from ..validation import check_damping, check_integer
 from .config import ExplorerConfig
 from .uploads import load_upload_image
 
@@ -107,7 +107,8 @@ class InfluenceExplorer:
     def conditions(self, label: Any, prompt: str | None) -> QueryConditions:
         """A request's condition: the form's class label and prompt (an empty prompt box is no prompt)."""
         prompts = [prompt] if prompt and prompt.strip() else None
-        return QueryConditions.for_task(self.task, 1, labels=None if label is None else [label], prompts=prompts)
+        labels = None if label is None else [label]
+        return QueryConditions.for_task(self.task, 1, labels=labels, prompts=prompts, options={})  # a form's wording
 
     # ------------------------------------------------------------------ the two requests
 
@@ -146,7 +147,7 @@ class InfluenceExplorer:
                 measurement=measurement,
                 top_k=top_k,
                 damping=damping,
-                num_draws=config.num_query_draws,
+                draws_per_query=config.draws_per_query,
                 seed=config.query_seed,
                 **conditions.attribute_kwargs(),
             )

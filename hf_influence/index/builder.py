@@ -64,14 +64,14 @@ def build_index(
     directory = Path(output_dir) if output_dir is not None else Path(tempfile.mkdtemp(prefix="hf_influence_index_"))
     layers = find_layers(task.denoiser, config.module_filter)
     shapes = {name: tuple(layer_kind(module).weight_shape(module)) for name, module in layers.items()}
-    compressor = make_compressor(
-        config.compression, shapes, config.seed, config.rank, config.projection_dim, config.quantize_bits
-    )
+    compressor = make_compressor(config, shapes)
     metadata = IndexMetadata(
         config=config,
         modules=tuple(layers),
         shapes=shapes,
-        examples_per_shard=_examples_per_shard(config, compressor, shapes),
+        examples_per_shard=_examples_per_shard(
+            config, compressor, shapes, {name: module.bias is not None for name, module in layers.items()}
+        ),
         model=task.provenance(),
         dataset=dataset_provenance(dataset, config.id_column, dataset_source),
     )
@@ -117,7 +117,7 @@ def _index_part(
             for start in range(0, len(batch.ids), plan.examples_per_pass):
                 rows = slice(start, start + plan.examples_per_pass)
                 grads = per_example_gradients(
-                    task, layers, batch.samples[rows], batch.ids[rows], plan, transform=compressor.transform
+                    task, layers, batch.examples[rows], batch.ids[rows], plan, transform=compressor.transform
                 )
                 for name, (weight, bias) in grads.items():
                     stored = compressor.encode(name, weight.cpu(), None if bias is None else bias.cpu())
@@ -127,19 +127,20 @@ def _index_part(
             shards.append(_write_shard(Path(f"{prefix}{len(shards):05d}.safetensors"), batch.ids, tensors, config))
 
 
-def _examples_per_shard(config: IndexConfig, compressor: Compressor, shapes: dict[str, tuple[int, int]]) -> int:
-    """`shard_size`, lowered so that a shard's tensors fit in `max_shard_bytes` (measured by encoding
-    one example's gradients: every compressor stores the same bytes for any example)."""
+def _examples_per_shard(
+    config: IndexConfig, compressor: Compressor, shapes: dict[str, tuple[int, int]], biases: dict[str, bool]
+) -> int:
+    """`shard_size`, lowered so that a shard's tensors fit in `max_shard_bytes` (every example's entry has the
+    compressor's `layout`)."""
     if config.max_shard_bytes is None:
         return config.shard_size
     # Bytes per example (its id, then its tensors), and the header: a JSON entry of about 64 characters
     # (dtype, shape, offsets) plus the name, per tensor.
     per_example, header = 8, 128
     for name, (d_out, d_in) in shapes.items():
-        weight, bias = compressor.transform(name, torch.ones(1, d_out, d_in), torch.ones(1, d_out))
-        stored = compressor.encode(name, weight, bias)
-        per_example += sum(value.numel() * value.element_size() for value in stored.values())
-        header += sum(64 + len(f"{name}.{key}") for key in stored)
+        layout = compressor.layout(name, d_out, d_in, biases[name])
+        per_example += sum(layout.values())
+        header += sum(64 + len(f"{name}.{key}") for key in layout)
     if per_example + header > config.max_shard_bytes:
         raise ValueError(
             f"One example's compressed gradients take {per_example + header} bytes with the file header, more "
@@ -239,4 +240,4 @@ def _finish(directory: Path, shards: list[ShardRecord], metadata: IndexMetadata)
     files = {shard.file: FileRecord.of(directory / shard.file) for shard in final}
     index = GradientIndex(ArtifactFiles(open_repo(directory, GradientIndex.REPO_TYPE), files), metadata)
     index._write_description(directory, metadata, files)
-    (directory / BUILD_STATE_NAME).unlink()
+    (directory / BUILD_STATE_NAME).unlink(missing_ok=True)

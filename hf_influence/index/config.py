@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
-from dataclasses import InitVar, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 from ..compression import COMPRESSIONS
-from ..deprecation import renamed_argument
+from ..deprecation import renamed_fields
 from ..provenance import DatasetSource, ModelProvenance
 from ..validation import check_choice, check_int, check_regex, check_str
 
 QUANTIZE_BITS = (8,)
 
 
+@renamed_fields(num_draws="draws_per_example")
 @dataclass(frozen=True)
 class IndexConfig:
     """How to build a gradient index.
@@ -44,13 +45,8 @@ class IndexConfig:
     max_shard_bytes: int | None = None
     module_filter: str | None = None
     id_column: str = "id"
-    num_draws: InitVar[int | None] = None  # deprecated name of draws_per_example
 
-    def __post_init__(self, num_draws: int | None) -> None:
-        draws = renamed_argument(
-            "IndexConfig(num_draws=...)", num_draws, "draws_per_example", self.draws_per_example, 5
-        )
-        object.__setattr__(self, "draws_per_example", draws)
+    def __post_init__(self) -> None:
         for name in ("draws_per_example", "batch_size", "shard_size", "rank", "projection_dim"):
             object.__setattr__(self, name, check_int(f"IndexConfig.{name}", getattr(self, name), minimum=1))
         object.__setattr__(self, "seed", check_int("IndexConfig.seed", self.seed))

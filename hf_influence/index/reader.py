@@ -41,9 +41,7 @@ class GradientIndex(ModelArtifact):
         self.metadata = metadata
         shapes = {name: tuple(shape) for name, shape in metadata.shapes.items()}
         config = metadata.config
-        self.compressor: Compressor = make_compressor(
-            config.compression, shapes, config.seed, config.rank, config.projection_dim, config.quantize_bits
-        )
+        self.compressor: Compressor = make_compressor(config, shapes)
 
     def __len__(self) -> int:
         return self.metadata.num_examples

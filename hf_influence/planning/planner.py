@@ -12,6 +12,7 @@ from typing import Any
 
 from torch import nn
 
+from ..compression import Compressor, make_compressor
 from ..curvature.large_layers import activation_rank
 from ..curvature.layers import LORA_ONLY, find_layers, layer_kind
 from ..factors import STORAGE_DTYPES, FactorConfig
@@ -95,34 +96,37 @@ class Plan:
     def __post_init__(self) -> None:
         if self.eigenvector_dtype not in STORAGE_DTYPES:
             raise ValueError(f"eigenvector_dtype must be one of {STORAGE_DTYPES}, got {self.eigenvector_dtype!r}.")
-        config = self.factor_config
+        config, index = self.factor_config, self.index_config
+        selected = [layer for layer in self.model_layers if layer.name in self.selected]
+        shapes = {layer.name: (layer.d_out, layer.d_in) for layer in selected}
+        compressor = make_compressor(index, shapes)
         self.layers = []
-        for layer in self.model_layers:
-            if layer.name in self.selected:
-                rank = activation_rank(layer.d_in, config.max_factor_size, config.large_layer_rank)
-                layer = dataclasses.replace(layer, activation_rank=rank)
-                layer.bytes = self._stored_bytes(layer)
-                self.layers.append(layer)
+        for layer in selected:
+            rank = activation_rank(layer.d_in, config.max_factor_size, config.large_layer_rank)
+            layer = dataclasses.replace(layer, activation_rank=rank)
+            layer.bytes = self._stored_bytes(layer, compressor)
+            self.layers.append(layer)
 
     # ------------------------------------------------------------------ bytes
 
-    def _stored_bytes(self, layer: LayerPlan) -> dict[str, int]:
+    def _stored_bytes(self, layer: LayerPlan, compressor: Compressor) -> dict[str, int]:
         return stored_bytes(
+            layer.name,
             layer.d_out,
             layer.d_in,
             layer.activation_rank,
             layer.bias,
-            strategy=self.factor_config.strategy,
+            strategy=self.factor_config.curvature,
             dtype=self.factor_config.dtype,
             eigenvector_dtype=self.eigenvector_dtype,
             keep_covariances=self.keep_covariances,
-            index_config=self.index_config,
+            compressor=compressor,
         )
 
     def _fitting_bytes(self, layer: LayerPlan) -> dict[str, int]:
         config = self.factor_config
         return fitting_bytes(
-            layer.d_out, layer.d_in, layer.activation_rank, strategy=config.strategy, dtype=config.dtype
+            layer.d_out, layer.d_in, layer.activation_rank, strategy=config.curvature, dtype=config.dtype
         )
 
     def totals(self) -> dict[str, int]:
