@@ -116,7 +116,7 @@ def synthetic_search(args: argparse.Namespace, workdir: Path, factors: hfi.Influ
     shards = []
     for number, start in enumerate(range(0, args.synthetic, args.synthetic_shard)):
         count = min(args.synthetic_shard, args.synthetic - start)
-        content = {"ids": torch.arange(start, start + count)}
+        content = {"ids": torch.arange(start, start + count), "digests": torch.zeros(count, dtype=torch.int64)}
         for name, (d_out, d_in) in factors.metadata.shapes.items():
             # Random gradients already in the compressor's linear image (a projection's k_out × k_in).
             has_bias = f"{name}.bias_eigenvalues" in factors.tensors

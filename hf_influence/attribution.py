@@ -15,14 +15,16 @@ from typing import Any
 import torch
 from torch import nn
 
+from .data import check_dataset
 from .deprecation import renamed_argument
 from .engine import DrawPlan, dataset_batches
 from .factors import InfluenceFactors
 from .gradients import DEFAULT_DRAWS, LayerGradients, per_example_scores, query_gradients
 from .index import GradientIndex
 from .measurements import Measurement, get_measurement
+from .row_digests import check_rows
 from .task import DiffusionTask
-from .validation import check_float, check_int
+from .validation import check_float, check_int, check_type
 
 DEFAULT_DAMPING = 1e-8
 
@@ -68,6 +70,10 @@ def pairwise_scores(
     """
     draws_per_query = renamed_argument("num_query_draws", num_query_draws, "draws_per_query", draws_per_query)
     draws_per_example = renamed_argument("num_train_draws", num_train_draws, "draws_per_example", draws_per_example)
+    call = "pairwise_scores(task, factors, queries, train_dataset, ...)"
+    check_type("task", task, DiffusionTask, call)
+    check_type("factors", factors, InfluenceFactors, call)
+    check_dataset(train_dataset, "train_dataset")
     damping = check_float("damping", damping, minimum=0)
     for name, value in (("draws_per_query", draws_per_query), ("draws_per_example", draws_per_example)):
         check_int(name, value, minimum=1)
@@ -93,6 +99,8 @@ class AttributionResult:
     ids: torch.Tensor  # (N,) the training examples' dataset ids
     proponents: torch.Tensor  # (Q, k) column positions, by descending score
     opponents: torch.Tensor  # (Q, k) column positions, by ascending score
+    digests: torch.Tensor | None = None  # (N,) the indexed rows' digests (`row_digests.py`), to check `rows`
+    digest_columns: tuple[str, ...] = ()  # the columns the digests cover
 
     @property
     def proponent_ids(self) -> torch.Tensor:
@@ -115,8 +123,12 @@ class AttributionResult:
         if which not in ("proponents", "opponents"):
             raise ValueError(f"which must be 'proponents' or 'opponents', got {which!r}.")
         query = check_int("query", query, minimum=0, maximum=len(self.scores) - 1)
-        wanted = (self.proponent_ids if which == "proponents" else self.opponent_ids)[query].tolist()
-        return rows_by_id(dataset, wanted, id_column)
+        positions = (self.proponents if which == "proponents" else self.opponents)[query]
+        wanted = self.ids[positions].tolist()
+        rows = rows_by_id(dataset, wanted, id_column)
+        if self.digests is not None:
+            check_rows(rows, wanted, self.digests[positions].tolist(), self.digest_columns)
+        return rows
 
 
 def rows_by_id(dataset: Any, ids: list[int], id_column: str = "id") -> list[dict]:
@@ -156,6 +168,10 @@ class Attributor:
         damping: float = DEFAULT_DAMPING,
         force: bool = False,
     ) -> None:
+        call = "Attributor(task, factors, index)"
+        check_type("task", task, DiffusionTask, call)
+        check_type("factors", factors, InfluenceFactors, call)
+        check_type("index", index, GradientIndex, call)
         factors.check_compatible(task, force=force)
         index.check_compatible(task, force=force)
         if index.modules != factors.modules:
@@ -232,6 +248,8 @@ class Attributor:
             ids=ids,
             proponents=scores.topk(k, dim=1).indices,
             opponents=scores.topk(k, dim=1, largest=False).indices,
+            digests=self.index.row_digests(),
+            digest_columns=self.index.metadata.digest_columns,
         )
 
     def _rotated_query_gradients(

@@ -20,20 +20,25 @@ from .tensor_files import read_safetensors
 from .validation import check_int
 
 
+@dataclass(frozen=True)
+class PassTotals:
+    """What a pass over the data read: draws, examples and the digest of their rows (`row_digests.py`)."""
+
+    draws: int = 0
+    examples: int = 0
+    digest: int = 0
+
+
 @dataclass
 class PassState:
-    """Where a fit stands: the pass, this rank's examples and draws done in it, the pass's running `sums`,
-    and (for the correction pass) the draws and `finished` factors of the covariance pass."""
+    """Where a fit stands: the pass, what this rank has read in it (`done`), the pass's running `sums`, and (for
+    the correction pass) the totals of the covariance pass over all ranks (`fit`) and its `finished` factors."""
 
     stage: str
-    examples: int = 0
-    draws: int = 0
-    fit_draws: int = 0
+    done: PassTotals = field(default_factory=PassTotals)
+    fit: PassTotals = field(default_factory=PassTotals)
     sums: dict[str, torch.Tensor] = field(default_factory=dict)
     finished: dict[str, torch.Tensor] = field(default_factory=dict)
-
-
-POSITION = ("stage", "examples", "draws", "fit_draws")
 
 
 class FitCheckpoint:
@@ -59,18 +64,25 @@ class FitCheckpoint:
                 "or choose another checkpoint_dir."
             )
         progress = self.record.check()
+        try:
+            position = {"stage": progress["stage"], **{key: PassTotals(**progress[key]) for key in ("done", "fit")}}
+        except (KeyError, TypeError) as error:
+            raise ValueError(
+                f"The checkpoint in {self.directory} was written by another version of hf_influence ({error}); "
+                "delete it to fit again."
+            ) from None
         tensors = read_safetensors(self.directory / progress["tensors"])
         parts = {
             part: {key.partition("/")[2]: value for key, value in tensors.items() if key.startswith(f"{part}/")}
             for part in ("sums", "finished")
         }
-        return PassState(**{key: progress[key] for key in POSITION}, **parts)
+        return PassState(**position, **parts)
 
     def save(self, state: PassState) -> None:
         """Write the tensors to a new file, then the position naming it, then drop the older file: a crash at
         any point leaves a position and the tensors it names."""
         previous = self.record.check()["tensors"] if self.record.exists() else None
-        name = f"{self.prefix}-{state.stage}-{state.examples:012d}.safetensors"
+        name = f"{self.prefix}-{state.stage}-{state.done.examples:012d}.safetensors"
         content = {
             f"{part}/{key}": value.detach().cpu().contiguous()
             for part in ("sums", "finished")
@@ -78,7 +90,6 @@ class FitCheckpoint:
         }
         self.directory.mkdir(parents=True, exist_ok=True)
         atomic_write(self.directory / name, lambda temp: save_file(content, temp))
-        position = {key: getattr(state, key) for key in POSITION}
-        self.record.write({**position, "tensors": name})
+        self.record.write({"stage": state.stage, "done": state.done, "fit": state.fit, "tensors": name})
         if previous is not None and previous != name:
             (self.directory / previous).unlink(missing_ok=True)

@@ -12,6 +12,8 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from .row_digests import row_digest
+
 if TYPE_CHECKING:
     from .task import DiffusionTask, Examples
 
@@ -19,10 +21,35 @@ if TYPE_CHECKING:
 @dataclass
 class ExampleBatch:
     """Training examples with their ids: `examples` holds their clean inputs in the denoiser's space (and their
-    mirror images when training flipped) and their conditioning (class labels, caption embeddings)."""
+    mirror images when training flipped) and their conditioning (class labels, caption embeddings); `digests`
+    each row's digest (`row_digests.py`)."""
 
     ids: list[Any]
     examples: Examples
+    digests: list[int]
+
+
+def check_dataset(dataset: Any, name: str = "dataset") -> None:
+    """Refuse what is not a dataset of rows, with the fix: a DatasetDict (which split?), a list of images, a path."""
+    kind = type(dataset).__name__
+    if kind in ("DatasetDict", "IterableDatasetDict"):
+        splits = sorted(dataset)
+        raise TypeError(f"{name} is a {kind} with splits {splits}: pass one split, e.g. {name}[{splits[0]!r}].")
+    if isinstance(dataset, (str, bytes)) or hasattr(dataset, "__fspath__"):
+        raise TypeError(
+            f"{name} is a path ({dataset!r}), not a dataset: load it first, e.g. "
+            "hf_influence.datasets_io.load_training_dataset(path) or datasets.load_dataset(...)."
+        )
+    if isinstance(dataset, dict) or not isinstance(dataset, Iterable):
+        raise TypeError(
+            f"{name} must be a datasets Dataset or IterableDataset (or an iterable of rows, dicts), got {kind}."
+        )
+    if isinstance(dataset, (list, tuple)) and dataset and not isinstance(dataset[0], dict):
+        first = type(dataset[0]).__name__
+        raise TypeError(
+            f"{name} is a list of {first}, not of rows: make a dataset with the images in a column, e.g. "
+            "datasets.Dataset.from_dict({'image': images, 'id': list(range(len(images)))})."
+        )
 
 
 def dataset_length(dataset: Iterable) -> int | None:
@@ -49,12 +76,15 @@ def iter_example_batches(
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}.")
+    check_dataset(dataset)
     rows = iter(dataset)
     first = next(rows, None)
     if first is None:
         if rank_part:
             return
         raise ValueError("The dataset is empty: there are no training examples to attribute to.")
+    if not isinstance(first, dict):
+        raise TypeError(f"The dataset's rows must be dicts of columns, got a {type(first).__name__}.")
     for column in task.columns:
         if column not in first:
             raise KeyError(
@@ -86,7 +116,8 @@ def iter_example_batches(
                     f"{position + offset}): ids must be unique, or one example's draws and index entry stand for "
                     "another's."
                 )
-        yield ExampleBatch(ids, task.examples_from_rows(chunk))
+        digests = [row_digest(row, example_id, task.columns) for row, example_id in zip(chunk, ids, strict=True)]
+        yield ExampleBatch(ids, task.examples_from_rows(chunk), digests)
 
 
 def mnist_demo_dataset(count: int = 5000, size: int = 32):

@@ -14,6 +14,8 @@ from typing import Any
 
 import torch
 
+from .row_digests import DIGEST_MODULUS
+
 
 class Ranks:
     """Rank bookkeeping and the three collectives the library needs: split, sum and broadcast."""
@@ -55,6 +57,15 @@ class Ranks:
         from accelerate.utils import reduce
 
         return reduce(tensor.contiguous(), reduction="sum")
+
+    def sum_digest(self, digest: int, device: torch.device | str = "cpu") -> int:
+        """A dataset digest (`row_digests.py`, < 2⁶²) summed over ranks, exactly: in two 31-bit halves, which
+        int64 sums cannot overflow."""
+        if self.world == 1:
+            return digest
+        low, high = digest & ((1 << 31) - 1), digest >> 31
+        halves = self.sum(torch.tensor([low, high], dtype=torch.int64, device=device)).tolist()
+        return (halves[0] + (halves[1] << 31)) % DIGEST_MODULUS
 
     def owner(self, position: int) -> int:
         """Which rank computes item `position` of a list shared out round-robin."""

@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from .data import ExampleBatch, dataset_length, iter_example_batches
 from .measurements import Loss, Measurement
+from .validation import check_int, check_type
 
 if TYPE_CHECKING:
     from .draws import Draws
@@ -43,6 +44,12 @@ class DrawPlan:
     batch_size: int
     augment: bool = False
     timestep: int | None = None
+
+    def __post_init__(self) -> None:
+        check_type("measurement", self.measurement, Measurement)
+        for name in ("draws_per_example", "batch_size"):
+            object.__setattr__(self, name, check_int(name, getattr(self, name), minimum=1))
+        object.__setattr__(self, "seed", check_int("seed", self.seed))
 
     @classmethod
     def training(cls, draws_per_example: int, seed: int, batch_size: int, stream: str = "train") -> DrawPlan:

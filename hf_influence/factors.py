@@ -13,7 +13,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
 import torch
 from huggingface_hub import split_torch_state_dict_into_shards
@@ -29,11 +29,9 @@ from .curvature.statistics import APPROXIMATIONS
 from .curvature.strategies import STRATEGIES, CurvatureStrategy, Gradients, get_strategy
 from .files import atomic_write, atomic_write_text
 from .provenance import DatasetSource, ModelProvenance
+from .task import DiffusionTask
 from .tensor_files import read_safetensors
-from .validation import check_choice, check_int, check_regex, check_str
-
-if TYPE_CHECKING:
-    from .task import DiffusionTask
+from .validation import check_choice, check_int, check_regex, check_str, check_type
 
 WEIGHTS_NAME = "factors.safetensors"  # one file; larger factors are sharded as factors-0000k-of-0000n
 WEIGHTS_PATTERN = "factors{suffix}.safetensors"
@@ -317,6 +315,10 @@ class InfluenceFactors(ModelArtifact):
         modules: Sequence[str] | None = None,
         mmap: bool = False,
     ) -> InfluenceFactors:
+        if modules is not None and (isinstance(modules, str) or not all(isinstance(name, str) for name in modules)):
+            raise TypeError(f"modules must be a list of layer names, got {modules!r}.")
+        if task is not None:
+            check_type("task", task, DiffusionTask, "InfluenceFactors.from_pretrained(path_or_repo_id, task=...)")
         wanted = list(metadata.modules) if modules is None else list(modules)
         unknown = sorted(set(wanted) - set(metadata.modules))
         if unknown:

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .checkpoints import FitCheckpoint, PassState
+from .checkpoints import FitCheckpoint, PassState, PassTotals
 from .curvature.capture import LayerCapture
 from .curvature.eigen import Eigenpairs, decompose
 from .curvature.large_layers import activation_rank
@@ -27,11 +27,14 @@ from .curvature.layer_factors import LayerFactors, flatten_layers, unflatten_lay
 from .curvature.layers import find_layers, layer_kind
 from .curvature.probes import backpropagated_values
 from .curvature.statistics import CovarianceAccumulator, EigenvalueCorrectionAccumulator
+from .data import check_dataset
 from .distributed import Ranks
 from .engine import DrawPlan, dataset_batches, run_draws
 from .factors import FactorConfig, FactorsMetadata, InfluenceFactors
 from .provenance import DatasetSource, dataset_provenance
+from .row_digests import combine, describe, row_digest
 from .task import DiffusionTask
+from .validation import check_type
 
 
 def fit_factors(
@@ -56,10 +59,11 @@ def fit_factors(
     without it, what `datasets` records about the dataset (name, split) is used.
     """
     config = config or FactorConfig()
-    if not isinstance(config, FactorConfig):
-        raise TypeError(f"config must be a FactorConfig, got {type(config).__name__}.")
-    source = dataset_provenance(dataset, config.id_column, dataset_source)
+    check_type("task", task, DiffusionTask, "fit_factors(task, dataset, config)")
+    check_dataset(dataset)
+    check_type("config", config, FactorConfig, "fit_factors(task, dataset, config)")
     if not config.curvature.fits_covariances:
+        source = dataset_provenance(dataset, config.id_column, dataset_source)
         return InfluenceFactors.identity(task, config.module_filter, source)
     ranks = Ranks(accelerator)
     layers = find_layers(task.denoiser, config.module_filter)
@@ -70,19 +74,19 @@ def fit_factors(
     fit = _Fit(task, ranks.split(dataset), config, layers, ranks, checkpoint)
     state = checkpoint.load(resume) if checkpoint is not None else None
     if state is None or state.stage == "fit":
-        factors, total_draws = fit.covariance_stage(state)
+        factors, totals = fit.covariance_stage(state)
         state = None
     else:
-        factors, total_draws = unflatten_layers(state.finished, layers), state.fit_draws
+        factors, totals = unflatten_layers(state.finished, layers), state.fit
     if config.curvature.corrects_eigenvalues:
-        factors = fit.correction_stage(factors, total_draws, state)
+        factors = fit.correction_stage(factors, totals, state)
     metadata = FactorsMetadata(
         config=config,
-        total_draws=total_draws,
+        total_draws=totals.draws,
         modules=tuple(layers),
         shapes={name: tuple(layer_kind(module).weight_shape(module)) for name, module in layers.items()},
         model=task.provenance(),
-        dataset=source,
+        dataset=dataset_provenance(dataset, config.id_column, dataset_source, describe(totals.examples, totals.digest)),
     )
     return InfluenceFactors(metadata, {name: layer.to("cpu") for name, layer in factors.items()})
 
@@ -102,25 +106,29 @@ class _Fit:
         self.task, self.dataset, self.config, self.layers = task, dataset, config, layers
         self.ranks, self.checkpoint = ranks, checkpoint
 
-    def covariance_stage(self, state: PassState | None) -> tuple[dict[str, LayerFactors], int]:
-        """Pass 1 and the eigendecompositions: each layer's factors, and the draws of all ranks."""
+    def covariance_stage(self, state: PassState | None) -> tuple[dict[str, LayerFactors], PassTotals]:
+        """Pass 1 and the eigendecompositions: each layer's factors, and what all ranks read."""
         covariances = CovarianceAccumulator(self.layers, self.config.approx, self.config.torch_dtype)
-        total_draws = self.run_pass("fit", covariances, "Fitting covariances", state)
-        factors = self.decompose(covariances, total_draws)
+        totals = self.run_pass("fit", covariances, "Fitting covariances", state)
+        factors = self.decompose(covariances, totals.draws)
         if self.checkpoint is not None:
-            self.checkpoint.save(PassState("correction", fit_draws=total_draws, finished=flatten_layers(factors)))
-        return factors, total_draws
+            self.checkpoint.save(PassState("correction", fit=totals, finished=flatten_layers(factors)))
+        return factors, totals
 
     def correction_stage(
-        self, factors: dict[str, LayerFactors], fit_draws: int, state: PassState | None
+        self, factors: dict[str, LayerFactors], fit: PassTotals, state: PassState | None
     ) -> dict[str, LayerFactors]:
-        """Pass 2: the eigenvalues re-estimated in the eigenbasis of pass 1."""
+        """Pass 2: the eigenvalues re-estimated in the eigenbasis of pass 1, on the same rows."""
         correction = EigenvalueCorrectionAccumulator(self.layers, factors, self.config.torch_dtype)
-        finished = flatten_layers(factors)
-        draws = self.run_pass("correction", correction, "Eigenvalue correction", state, finished, fit_draws)
+        totals = self.run_pass("correction", correction, "Eigenvalue correction", state, flatten_layers(factors), fit)
+        if (totals.examples, totals.digest) != (fit.examples, fit.digest):
+            raise ValueError(
+                f"The data changed between the two passes of the fit ({fit.examples} rows, then {totals.examples} "
+                "with other contents): fit on a dataset that stays the same."
+            )
         strategy = self.config.curvature
         return {
-            name: strategy.corrected(layer, *correction.normalised(name, draws, self.ranks.sum))
+            name: strategy.corrected(layer, *correction.normalised(name, totals.draws, self.ranks.sum))
             for name, layer in factors.items()
         }
 
@@ -161,29 +169,36 @@ class _Fit:
         description: str,
         state: PassState | None,
         finished: dict[str, torch.Tensor] | None = None,
-        fit_draws: int = 0,
-    ) -> int:
-        """One sweep over this rank's data with `draws_per_example` draws per example; returns the number of
-        draws of all ranks together. Resumes from `state` (this pass's sums so far) and saves the running
-        sums (with the `finished` tensors and `fit_draws` of the covariance pass) to the checkpoint as it goes."""
+        fit: PassTotals | None = None,
+    ) -> PassTotals:
+        """One sweep over this rank's data with `draws_per_example` draws per example; returns what all ranks read
+        together. Resumes from `state` (this pass's sums so far, once the rows it read are checked to be the same)
+        and saves the running sums (with the `finished` factors and the totals `fit` of the covariance pass) to the
+        checkpoint as it goes."""
         config, task = self.config, self.task
         plan = DrawPlan.training(config.draws_per_example, config.seed, config.batch_size, stream=stream)
-        examples, num_draws = (state.examples, state.draws) if state is not None else (0, 0)
+        done = state.done if state is not None else PassTotals()
         dataset = self.dataset
-        if state is not None and examples > 0:
+        if done.examples > 0:
+            self._check_consumed(done)
             accumulator.load_state_dict(state.sums)
-            dataset = dataset.skip(examples) if hasattr(dataset, "skip") else itertools.islice(dataset, examples, None)
+            dataset = (
+                dataset.skip(done.examples)
+                if hasattr(dataset, "skip")
+                else itertools.islice(dataset, done.examples, None)
+            )
         on_forward = getattr(accumulator, "on_forward", None)
+        draws_done = done.draws
         with LayerCapture(self.layers, on_forward=on_forward, on_backward=accumulator.on_backward) as capture:
 
             def backward(rows: slice, output: Any, draws: Any) -> None:
-                nonlocal num_draws
+                nonlocal draws_done
                 values = backpropagated_values(
                     output.prediction, output.loss_per_draw(), draws.probe, config.ggn, config.output_curvature
                 )
                 for value, last in values:
                     capture.backward(value, retain_graph=not last)
-                num_draws += len(draws)
+                draws_done += len(draws)
 
             batches = dataset_batches(
                 dataset,
@@ -191,17 +206,28 @@ class _Fit:
                 plan.examples_per_pass,
                 config.id_column,
                 description,
-                start=examples,
+                start=done.examples,
                 rank_part=self.ranks.world > 1,
                 show_progress=self.ranks.is_main,
             )
             for number, batch in enumerate(batches, start=1):
                 run_draws(task, batch.examples, batch.ids, plan, backward)
-                examples += len(batch.ids)
+                done = PassTotals(draws_done, done.examples + len(batch.ids), combine([done.digest, *batch.digests]))
                 if self.checkpoint is not None and number % self.checkpoint.every == 0:
                     sums = accumulator.state_dict()
-                    self.checkpoint.save(PassState(stream, examples, num_draws, fit_draws, sums, finished or {}))
-        num_draws = int(self.ranks.sum(torch.tensor(num_draws, device=task.device)).item())
-        if num_draws == 0:
+                    self.checkpoint.save(PassState(stream, done, fit or PassTotals(), sums, finished or {}))
+        counts = self.ranks.sum(torch.tensor([done.draws, done.examples], device=task.device)).tolist()
+        if counts[0] == 0:
             raise ValueError("The dataset is empty: there are no training examples to attribute to.")
-        return num_draws
+        return PassTotals(int(counts[0]), int(counts[1]), self.ranks.sum_digest(done.digest, task.device))
+
+    def _check_consumed(self, done: PassTotals) -> None:
+        """Refuse to resume on other data: the rows the checkpoint read must have the digest it recorded."""
+        id_column, columns = self.config.id_column, self.task.columns
+        rows = itertools.islice(self.dataset, done.examples)
+        digest = combine(row_digest(row, row.get(id_column, position), columns) for position, row in enumerate(rows))
+        if digest != done.digest:
+            raise ValueError(
+                f"The checkpoint was written by a fit on other data: the first {done.examples} rows this process "
+                "reads now are not those it had read. Resume with the same dataset, or start a new fit."
+            )

@@ -43,12 +43,14 @@ class ModelProvenance:
 @dataclass(frozen=True)
 class DatasetSource:
     """The training set a run read: `repo_id` (a Hub id or a local path), the resolved `revision`
-    (a commit, when known), the `split` and the `id_column`."""
+    (a commit, when known), the `split`, the `id_column`, and the `digest` of the rows that were read (their number
+    and combined digest, `row_digests.py`; None until a run has read them)."""
 
     repo_id: str | None = None
     revision: str | None = None
     split: str | None = None
     id_column: str = "id"
+    digest: str | None = None
 
     @classmethod
     def describe(cls, dataset: Any, id_column: str) -> DatasetSource:
@@ -58,8 +60,11 @@ class DatasetSource:
         return cls(getattr(info, "dataset_name", None), None, None if split is None else str(split), id_column)
 
 
-def dataset_provenance(dataset: Any, id_column: str, source: DatasetSource | None = None) -> DatasetSource:
-    """The given source (the CLI knows the repo and commit it loaded), else what the dataset records."""
+def dataset_provenance(
+    dataset: Any, id_column: str, source: DatasetSource | None = None, digest: str | None = None
+) -> DatasetSource:
+    """The given source (the CLI knows the repo and commit it loaded), else what the dataset records, with the
+    `digest` of the rows a run read."""
     if source is None:
-        return DatasetSource.describe(dataset, id_column)
-    return DatasetSource(source.repo_id, source.revision, source.split, id_column)
+        source = DatasetSource.describe(dataset, id_column)
+    return DatasetSource(source.repo_id, source.revision, source.split, id_column, digest)

@@ -47,6 +47,20 @@ def check_choice(name: str, value: Any, choices: Iterable[Any]) -> Any:
     return value
 
 
+def check_type(name: str, value: Any, expected: type | tuple[type, ...], call: str | None = None) -> Any:
+    """`value` if it is an `expected`; else a TypeError naming the argument and, for a value that belongs to
+    another argument of `call`, the order the arguments go in."""
+    if isinstance(value, expected):
+        return value
+    names = " or ".join(_article(kind.__name__) for kind in (expected if isinstance(expected, tuple) else (expected,)))
+    order = f" (the arguments are {call}: are two of them swapped?)" if call else ""
+    raise TypeError(f"{name} must be {names}, got {_article(type(value).__name__)}{order}.")
+
+
+def _article(noun: str) -> str:
+    return f"{'an' if noun[:1].lower() in 'aeiou' else 'a'} {noun}"
+
+
 def check_bool(name: str, value: Any) -> bool:
     if not isinstance(value, bool):
         raise TypeError(f"{name} must be True or False, got {value!r}.")

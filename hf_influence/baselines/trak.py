@@ -23,13 +23,14 @@ from typing import Any
 import torch
 
 from ..curvature.layers import find_layers
+from ..data import check_dataset
 from ..deprecation import renamed_fields
 from ..engine import DrawPlan, dataset_batches
 from ..gradients import LayerGradients, per_example_gradients
 from ..measurements import Loss, SquareNorm
 from ..seeding import seeded_generator
 from ..task import DiffusionTask
-from ..validation import check_choice, check_float, check_int
+from ..validation import check_choice, check_float, check_int, check_type
 
 MEASUREMENTS = {"loss": Loss, "square_norm": SquareNorm}
 
@@ -113,8 +114,10 @@ class TRAK:
     """
 
     def __init__(self, task: DiffusionTask, train_dataset: Iterable[dict[str, Any]], config: TRAKConfig | None = None):
-        self.task = task
-        self.config = config or TRAKConfig()
+        call = "TRAK(task, train_dataset, config)"
+        self.task = check_type("task", task, DiffusionTask, call)
+        check_dataset(train_dataset, "train_dataset")
+        self.config = check_type("config", config or TRAKConfig(), TRAKConfig, call)
         self.layers = find_layers(task.denoiser, self.config.module_filter)
         self.projection = GaussianProjection(self.config.projection_dim, self.config.seed)
         measurement = MEASUREMENTS[self.config.measurement]()

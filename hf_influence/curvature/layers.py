@@ -151,6 +151,13 @@ def find_layers(
 
     `module_filter` is a regex searched in the name, or a callable `(name, module) -> bool`.
     """
+    if module_filter is not None and not callable(module_filter):
+        if not isinstance(module_filter, str):
+            raise TypeError(f"module_filter must be a regular expression (a str) or a callable, got {module_filter!r}.")
+        try:
+            re.compile(module_filter)
+        except re.error as error:
+            raise ValueError(f"module_filter={module_filter!r} is not a valid regular expression: {error}.") from None
     layers = {}
     for name, module in model.named_modules():
         if layer_kind(module) is None:

@@ -28,7 +28,7 @@ from ..measurements import Measurement, get_measurement
 from ..task import DiffusionTask
 from ..tensor_files import read_safetensors
 from ..training import TrainConfig
-from ..validation import check_int
+from ..validation import check_int, check_type
 from .retraining import RetrainedModel, retrain_subsets
 
 TENSORS_NAME = "ground_truth.safetensors"
@@ -49,6 +49,7 @@ def measure(
     """`(Q,)` fp64 measurements of `queries` (generated images of an unconditional pipeline), each averaged
     over `draws_per_query` draws seeded by (seed, query id); query ids default to positions. Eval mode, no
     augmentation. (`num_draws` is the deprecated name of `draws_per_query`.)"""
+    check_type("task", task, DiffusionTask, "measure(task, queries, ...)")
     measurement = get_measurement(measurement)
     samples = task.examples(queries)
     ids = list(range(len(samples))) if query_ids is None else list(query_ids)

@@ -16,6 +16,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
@@ -23,6 +24,7 @@ from tqdm.auto import tqdm
 from ..artifacts import CONFIG_NAME, ArtifactFiles, FileRecord, check_output_folder
 from ..compression import Compressor, make_compressor
 from ..curvature.layers import find_layers, layer_kind
+from ..data import check_dataset
 from ..distributed import Ranks
 from ..engine import DrawPlan, dataset_batches
 from ..files import atomic_write
@@ -30,7 +32,10 @@ from ..gradients import per_example_gradients
 from ..hub import open_repo
 from ..provenance import DatasetSource, dataset_provenance
 from ..resume import RunRecord
+from ..row_digests import combine, describe, row_digest
+from ..task import DiffusionTask
 from ..tensor_files import read_safetensors
+from ..validation import check_type
 from .config import IndexConfig, IndexMetadata, ShardRecord
 from .reader import GradientIndex
 
@@ -56,8 +61,10 @@ def build_index(
     `dataset_source` records where the data came from (repo id, commit, split) in the index's config.
     """
     config = config or IndexConfig()
-    if not isinstance(config, IndexConfig):
-        raise TypeError(f"config must be an IndexConfig, got {type(config).__name__}.")
+    call = "build_index(task, dataset, config, output_dir)"
+    check_type("task", task, DiffusionTask, call)
+    check_dataset(dataset)
+    check_type("config", config, IndexConfig, call)
     ranks = Ranks(accelerator)
     if output_dir is None and ranks.world > 1:
         raise ValueError("Building an index with several processes needs an output_dir that every process shares.")
@@ -74,6 +81,7 @@ def build_index(
         ),
         model=task.provenance(),
         dataset=dataset_provenance(dataset, config.id_column, dataset_source),
+        digest_columns=tuple(task.columns),
     )
     if ranks.is_main:
         _prepare_build(directory, metadata, ranks.world, overwrite)
@@ -103,6 +111,8 @@ def _index_part(
     """Index this rank's part of the data after the `shards` it already wrote, one shard per batch."""
     config = metadata.config
     done = sum(shard.num_examples for shard in shards)
+    if done:
+        _check_indexed_rows(part, shards, prefix.parent, metadata)
     remaining = part.skip(done) if done and hasattr(part, "skip") else itertools.islice(part, done, None)
     plan = DrawPlan.training(config.draws_per_example, config.seed, config.batch_size)
     batches = dataset_batches(
@@ -124,7 +134,8 @@ def _index_part(
                     for key, value in stored.items():
                         tensors.setdefault(f"{name}.{key}", []).append(value)
                 progress.update(len(batch.ids[rows]))
-            shards.append(_write_shard(Path(f"{prefix}{len(shards):05d}.safetensors"), batch.ids, tensors, config))
+            path = Path(f"{prefix}{len(shards):05d}.safetensors")
+            shards.append(_write_shard(path, batch.ids, batch.digests, tensors, config))
 
 
 def _examples_per_shard(
@@ -177,14 +188,34 @@ def _partial_shards(directory: Path, prefix: str) -> list[ShardRecord]:
 
 
 def _write_shard(
-    path: Path, ids: list[Any], tensors: dict[str, list[torch.Tensor]], config: IndexConfig
+    path: Path, ids: list[Any], digests: list[int], tensors: dict[str, list[torch.Tensor]], config: IndexConfig
 ) -> ShardRecord:
-    if not all(isinstance(example_id, int) for example_id in ids):
+    if not all(isinstance(example_id, (int, np.integer)) and not isinstance(example_id, bool) for example_id in ids):
         raise TypeError(f"Index ids must be integers; column {config.id_column!r} holds e.g. {ids[0]!r}.")
     content = {name: torch.cat(parts).contiguous() for name, parts in tensors.items()}
-    content["ids"] = torch.tensor(ids, dtype=torch.int64)
+    content["ids"] = torch.tensor([int(example_id) for example_id in ids], dtype=torch.int64)
+    content["digests"] = torch.tensor(digests, dtype=torch.int64)
     atomic_write(path, lambda temp: save_file(content, temp))
     return _shard_record(path)
+
+
+def _check_indexed_rows(
+    part: Iterable[dict[str, Any]], shards: list[ShardRecord], directory: Path, metadata: IndexMetadata
+) -> None:
+    """Refuse to resume on other data: the rows already indexed must have the digests their shards recorded."""
+    recorded = torch.cat(
+        [read_safetensors(directory / shard.file, lambda name: name == "digests")["digests"] for shard in shards]
+    )
+    rows = itertools.islice(part, len(recorded))
+    id_column = metadata.config.id_column
+    digests = [
+        row_digest(row, row.get(id_column, position), metadata.digest_columns) for position, row in enumerate(rows)
+    ]
+    if digests != recorded.tolist():
+        raise ValueError(
+            f"{directory} holds a partial index of other data: the first {len(recorded)} rows read now are not those "
+            "it indexed. Resume with the same dataset, or choose another output_dir."
+        )
 
 
 def _shard_record(path: Path) -> ShardRecord:
@@ -236,7 +267,10 @@ def _finish(directory: Path, shards: list[ShardRecord], metadata: IndexMetadata)
         name = f"index-{number:05d}-of-{len(shards):05d}.safetensors"
         os.replace(directory / shard.file, directory / name)
         final.append(ShardRecord(name, shard.num_examples))
-    metadata = replace(metadata, num_examples=sum(shard.num_examples for shard in final), shards=tuple(final))
+    digests = [read_safetensors(directory / shard.file, lambda name: name == "digests")["digests"] for shard in final]
+    count = sum(shard.num_examples for shard in final)
+    dataset = replace(metadata.dataset, digest=describe(count, combine(torch.cat(digests).tolist())))
+    metadata = replace(metadata, num_examples=count, shards=tuple(final), dataset=dataset)
     files = {shard.file: FileRecord.of(directory / shard.file) for shard in final}
     index = GradientIndex(ArtifactFiles(open_repo(directory, GradientIndex.REPO_TYPE), files), metadata)
     index._write_description(directory, metadata, files)

@@ -82,6 +82,8 @@ class IndexMetadata:
         dataset: the training set they were taken on.
         num_examples: the indexed examples.
         shards: the shards in id order.
+        digest_columns: the dataset columns each example's row digest covers (`row_digests.py`); empty for indices
+            of format version 1, which stored no digests.
     """
 
     config: IndexConfig = field(metadata={"flatten": True})
@@ -92,6 +94,7 @@ class IndexMetadata:
     dataset: DatasetSource
     num_examples: int = 0
     shards: tuple[ShardRecord, ...] = ()
+    digest_columns: tuple[str, ...] = ()
 
 
 def migrate_v1(config: dict[str, Any]) -> dict[str, Any]:

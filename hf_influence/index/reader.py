@@ -19,6 +19,7 @@ from ..artifacts import ArtifactFiles, ModelArtifact
 from ..cards import index_card
 from ..compression import Compressor, Stored, make_compressor
 from ..files import atomic_write
+from ..row_digests import check_rows
 from ..tensor_files import read_safetensors
 from .config import IndexMetadata, migrate_v1
 
@@ -39,6 +40,7 @@ class GradientIndex(ModelArtifact):
     def __init__(self, files: ArtifactFiles, metadata: IndexMetadata) -> None:
         self.files = files
         self.metadata = metadata
+        self._digests: torch.Tensor | None = None
         shapes = {name: tuple(shape) for name, shape in metadata.shapes.items()}
         config = metadata.config
         self.compressor: Compressor = make_compressor(config, shapes)
@@ -98,6 +100,7 @@ class GradientIndex(ModelArtifact):
                 tensors = read_safetensors(path)
             except ValueError as error:
                 raise ValueError(f"Index shard {path} cannot be read: it is corrupt. ({error})") from error
+            tensors.pop("digests", None)
             yield tensors.pop("ids"), _split_modules(tensors, self.modules)
 
     def scores(self, queries: dict[str, Stored]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -110,10 +113,24 @@ class GradientIndex(ModelArtifact):
         return torch.cat(columns, dim=1).to(torch.float32), torch.cat(ids)
 
     def ids(self) -> torch.Tensor:
-        return torch.cat([ids for ids, _ in self.iter_shards()])
+        return self._column("ids")
+
+    def row_digests(self) -> torch.Tensor | None:
+        """Each example's row digest (`row_digests.py`), in the order of `ids()`; None for a format-1 index."""
+        if not self.metadata.digest_columns:
+            return None
+        if self._digests is None:
+            self._digests = self._column("digests")
+        return self._digests
+
+    def _column(self, name: str) -> torch.Tensor:
+        """One per-example tensor of every shard (ids, digests), without reading the gradients."""
+        paths = [self.files.path(shard.file) for shard in self.metadata.shards]
+        return torch.cat([read_safetensors(path, lambda tensor: tensor == name)[name] for path in paths])
 
     def check_dataset(self, dataset: Iterable[dict[str, Any]]) -> None:
-        """Refuse a dataset whose ids are not the index's (another dataset, split or order)."""
+        """Refuse a dataset that is not the one indexed: other ids (another dataset, split or order), or rows with
+        the same ids but other contents (their digests differ)."""
         id_column = self.config.id_column
         rows = dataset.select_columns([id_column]) if hasattr(dataset, "select_columns") else dataset
         dataset_ids = [row.get(id_column, position) for position, row in enumerate(rows)]
@@ -125,6 +142,9 @@ class GradientIndex(ModelArtifact):
                 + (f"; e.g. ids {missing} are not in the dataset" if missing else "; same ids, different order")
                 + "). Use the dataset the index was built from."
             )
+        digests = self.row_digests()
+        if digests is not None:
+            check_rows(list(dataset), index_ids, digests.tolist(), self.metadata.digest_columns)
 
 
 def _split_modules(tensors: dict[str, torch.Tensor], modules: list[str]) -> dict[str, Stored]:
