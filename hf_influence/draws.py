@@ -55,7 +55,7 @@ def sample_draws(
 ) -> Draws:
     """`num_draws` independent draws for each example of `task`, rows ordered example-major.
 
-    `timestep` fixes the timestep index instead of drawing it uniformly; `augment` applies the training
+    `timestep` fixes the timestep index instead of drawing it from the task's density; `augment` applies the training
     augmentation: flips (when training flipped) and conditioning dropout.
     """
     if timestep is not None and not 0 <= timestep < task.num_train_timesteps:
@@ -64,7 +64,7 @@ def sample_draws(
     shape = (num_draws, *task.sample_shape)
     for example_id in example_ids:
         generator = seeded_generator(seed, stream, example_id)
-        t = torch.randint(0, task.num_train_timesteps, (num_draws,), generator=generator)
+        t = task.timestep_density.sample(num_draws, generator, task.schedule)
         columns["timesteps"].append(torch.full_like(t, timestep) if timestep is not None else t)
         columns["noise"].append(torch.randn(shape, generator=generator))
         flip = torch.rand(num_draws, generator=generator) < 0.5

@@ -194,7 +194,12 @@ class _Fit:
             def backward(rows: slice, output: Any, draws: Any) -> None:
                 nonlocal draws_done
                 values = backpropagated_values(
-                    output.prediction, output.loss_per_draw(), draws.probe, config.ggn, config.output_curvature
+                    output.prediction,
+                    output.loss_per_draw(),
+                    draws.probe,
+                    config.ggn,
+                    config.output_curvature,
+                    output.weights,
                 )
                 for value, last in values:
                     capture.backward(value, retain_graph=not last)

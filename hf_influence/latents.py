@@ -7,6 +7,7 @@ Images are encoded once per batch (frozen VAE, eval mode, no gradient); what is 
   latent runs (`method.md` §3.3, §5.1), as diffusers' training scripts sample `latent_dist.sample()`.
 * `VQModel`: the deterministic pre-quantisation latents (`encode(x).latents`), which latent-diffusion models are
   trained on; the decoder quantises.
+* `AutoencoderDC` (Sana's deep-compression autoencoder): the deterministic latents (`encode(x).latent`).
 
 The denoiser sees `(z − shift_factor) · scaling_factor` (no shift when the VAE has none), as the pipelines
 undo it before decoding. Encodings are returned already scaled: `(μ − shift) · scale` and `σ · scale`.
@@ -18,14 +19,14 @@ from typing import Any
 
 import torch
 
-LATENT_ENCODERS = ("AutoencoderKL", "VQModel")
+LATENT_ENCODERS = ("AutoencoderKL", "VQModel", "AutoencoderDC")
 
 
 def check_vae(vae: Any, component: str = "vae") -> None:
     """Refuse a VAE this module cannot use, naming the pipeline's component (`vae` or `vqvae`)."""
-    from diffusers import AutoencoderKL, VQModel
+    import diffusers
 
-    if not isinstance(vae, (AutoencoderKL, VQModel)):
+    if not isinstance(vae, tuple(getattr(diffusers, name) for name in LATENT_ENCODERS)):
         raise TypeError(
             f"The pipeline's {component!r} component ({type(vae).__name__}) is not a supported VAE: "
             f"latent pipelines need one of {LATENT_ENCODERS}."
@@ -54,7 +55,8 @@ class LatentEncoder:
         self.stochastic: bool = isinstance(vae, AutoencoderKL)
         self.scaling_factor: float = float(config.get("scaling_factor") or 1.0)
         self.shift_factor: float = float(config.get("shift_factor") or 0.0)
-        self.downsampling: int = 2 ** (len(config.block_out_channels) - 1)
+        blocks = config.get("block_out_channels") or config.get("encoder_block_out_channels")
+        self.downsampling: int = 2 ** (len(blocks) - 1)
         self.image_channels: int = int(config.in_channels)
 
     def image_shape(self, sample_shape: tuple[int, int, int]) -> tuple[int, int, int]:
@@ -75,7 +77,8 @@ class LatentEncoder:
         if self.stochastic:
             posterior = encoded.latent_dist
             mean, std = posterior.mean, posterior.std
-        else:
-            mean, std = encoded.latents, None
+        else:  # VQModel: `latents`; AutoencoderDC: `latent`
+            mean, std = getattr(encoded, "latents", None), None
+            mean = encoded.latent if mean is None else mean
         mean = (mean - self.shift_factor) * self.scaling_factor
         return mean, None if std is None else std * self.scaling_factor

@@ -53,7 +53,8 @@ class Measurement:
 
 
 class Loss(Measurement):
-    """The training loss at the sample: `mean((pred − target)²)` (the recommended measurement)."""
+    """The training loss at the sample: `mean((pred − target)²)`, weighted per timestep when training weighted
+    it (the recommended measurement)."""
 
     name = "loss"
 
@@ -87,7 +88,7 @@ class WeightedLoss(Measurement):
                 f"{task.num_train_timesteps} training timesteps."
             )
         weights = self.weights.to(output.timesteps.device)[output.timesteps].to(output.prediction.dtype)
-        return weights * output.loss_per_draw()
+        return weights * output.mse_per_draw()
 
 
 class SimplifiedELBO(Measurement):
@@ -100,7 +101,7 @@ class SimplifiedELBO(Measurement):
     def __call__(self, task: DiffusionTask, output: DenoiserOutput) -> torch.Tensor:
         t = output.timesteps
         weight = task.schedule.simplified_elbo_weights().to(t.device)[t]
-        return weight.to(output.prediction.dtype) * output.loss_per_draw()
+        return weight.to(output.prediction.dtype) * output.mse_per_draw()
 
     def cache_key(self) -> Hashable:
         return self.name

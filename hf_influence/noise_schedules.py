@@ -8,8 +8,10 @@ Two families cover diffusers' training recipes:
 * `FlowMatchingSchedule`, for the flow-matching schedulers of SD3/Flux-style pipelines:
   `x_σ = (1 − σ) x0 + σ ε`, target (velocity) `v = ε − x0`, `σ` uniform over the scheduler's training sigmas
   (its `shift` applied), loss weight 1: diffusers' SD3/Flux training scripts with `weighting_scheme="none"` and
-  without `precondition_outputs`. Their optional logit-normal timestep density is not modelled. The denoiser
-  gets the scheduler's own timestep for `σ` (`σ · num_train_timesteps`, as the SD3 pipeline passes it).
+  without `precondition_outputs`; their timestep densities and loss weightings are `timestep_densities.py`'s.
+  The denoiser gets the scheduler's own timestep for `σ` (`σ · num_train_timesteps`, as the SD3 pipeline passes
+  it; a family may rescale it: Flux passes `σ`). Multistep solvers run on flow sigmas (Sana's) train on the
+  equivalent flow-matching sigmas.
 
 A draw's `timesteps` are indices `0 … N − 1` into the schedule, so `LossAtTime` and `WeightedLoss` work the
 same for both: for DDPM the index is `t` itself (0 = least noise); for flow matching it is the position in the
@@ -155,12 +157,28 @@ def noise_schedule(scheduler: Any) -> NoiseSchedule:
         if scheduler.config.get("invert_sigmas", False):
             raise ValueError(f"The scheduler {name} has invert_sigmas=True, which is not supported.")
         return FlowMatchingSchedule(scheduler)
+    config = getattr(scheduler, "config", None)
+    if config is not None and config.get("use_flow_sigmas", False):
+        return FlowMatchingSchedule(_flow_equivalent(scheduler))
     if hasattr(scheduler, "alphas_cumprod") and hasattr(scheduler, "betas"):
-        if scheduler.config.get("use_flow_sigmas", False):
-            raise ValueError(f"The scheduler {name} has use_flow_sigmas=True: flow sigmas there are not supported.")
         return DDPMSchedule(scheduler)
     raise TypeError(
         f"The 'scheduler' component ({name}) is not a supported scheduler: expected a DDPM-family one with "
         f"alphas_cumprod (DDPMScheduler, DDIMScheduler, ...) or a flow-matching one "
         f"({', '.join(FLOW_MATCHING_SCHEDULERS)})."
     )
+
+
+def _flow_equivalent(scheduler: Any) -> Any:
+    """The flow-matching training process of a multistep solver run on flow sigmas (Sana's DPM-Solver with
+    `use_flow_sigmas`): `FlowMatchEulerDiscreteScheduler` sigmas with the solver's `flow_shift`."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    config = scheduler.config
+    if config.get("prediction_type") != "flow_prediction":
+        raise ValueError(
+            f"The scheduler {type(scheduler).__name__} has use_flow_sigmas=True but prediction_type="
+            f"{config.get('prediction_type')!r}: flow sigmas are supported with flow_prediction only."
+        )
+    shift = float(config.get("flow_shift") or 1.0)
+    return FlowMatchEulerDiscreteScheduler(num_train_timesteps=int(config.num_train_timesteps), shift=shift)

@@ -17,6 +17,9 @@ SUPPORTED_DENOISERS = (
     "DiTTransformer2DModel",
     "Transformer2DModel",
     "SD3Transformer2DModel",
+    "FluxTransformer2DModel",
+    "PixArtTransformer2DModel",
+    "SanaTransformer2DModel",
 )
 # Pipeline components the task reads, or may ignore because training never uses them.
 KNOWN_COMPONENTS = {
@@ -43,7 +46,9 @@ def pipeline_denoiser(pipeline: Any) -> tuple[str, nn.Module, dict[str, Any]]:
         raise TypeError(
             f"{pipeline_name} has no `unet` or `transformer` component; its components are {sorted(components)}."
         )
-    check_denoiser(denoiser, name)
+    from .families import family_of
+
+    check_denoiser(denoiser, name, family_of(pipeline).extra_conditioning)
     unknown = sorted(set(components) - KNOWN_COMPONENTS)
     if unknown:
         described = ", ".join(f"{item!r} ({type(components[item]).__name__})" for item in unknown)
@@ -51,8 +56,9 @@ def pipeline_denoiser(pipeline: Any) -> tuple[str, nn.Module, dict[str, Any]]:
     return name, denoiser, components
 
 
-def check_denoiser(denoiser: nn.Module, component: str) -> None:
-    """Refuse denoisers whose inputs this library does not build, naming the component and what it needs."""
+def check_denoiser(denoiser: nn.Module, component: str, built: tuple[str, ...] = ()) -> None:
+    """Refuse denoisers whose inputs this library does not build, naming the component and what it needs;
+    `built` names the extra-conditioning config entries the pipeline's family builds (SDXL's time ids)."""
     name = type(denoiser).__name__
     kinds = {cls.__name__ for cls in type(denoiser).__mro__}
     if not kinds & set(SUPPORTED_DENOISERS):
@@ -64,13 +70,13 @@ def check_denoiser(denoiser: nn.Module, component: str) -> None:
     extras = {
         key: config.get(key)
         for key in ("class_embed_type", "addition_embed_type", "encoder_hid_dim_type")
-        if config.get(key) is not None
+        if config.get(key) is not None and key not in built
     }
     if extras:
         described = ", ".join(f"{key}={value!r}" for key, value in extras.items())
         raise TypeError(
-            f"The pipeline's {component!r} component ({name}) takes extra conditioning ({described}, as e.g. "
-            "SDXL's added time ids) that this library does not build."
+            f"The pipeline's {component!r} component ({name}) takes extra conditioning ({described}) that this "
+            "library does not build for this pipeline (SDXL's time ids are built for StableDiffusionXLPipeline)."
         )
     is_dit = config.get("norm_type") == "ada_norm_zero" and config.get("num_embeds_ada_norm") is not None
     if "Transformer2DModel" in kinds and "DiTTransformer2DModel" not in kinds and not is_dit:

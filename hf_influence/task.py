@@ -26,11 +26,14 @@ from torch import nn
 from .conditioning import Conditioning, pipeline_conditioning
 from .draws import Draws, sample_draws
 from .examples import Examples, images_to_tensor
+from .families import DEFAULT, Family, family_of
 from .latents import LatentEncoder, check_vae
 from .noise_schedules import PREDICTION_TYPES, NoiseSchedule, noise_schedule
 from .pipeline_checks import pipeline_denoiser
 from .provenance import ModelProvenance, ModelSource
 from .queries import QueryConditions
+from .timestep_densities import TimestepDensity, loss_weights
+from .validation import check_bool, check_float, check_int, check_str
 
 __all__ = ["PREDICTION_TYPES", "DenoiserOutput", "DiffusionTask", "Draws", "Examples"]
 
@@ -42,26 +45,38 @@ class DenoiserOutput:
     prediction: torch.Tensor  # (S, C, H, W)
     target: torch.Tensor  # (S, C, H, W)
     timesteps: torch.Tensor  # (S,) timestep indices
+    weights: torch.Tensor | None = None  # (S,) the training loss weighting of each draw's timestep, if any
 
-    def loss_per_draw(self) -> torch.Tensor:
+    def mse_per_draw(self) -> torch.Tensor:
         """`F.mse_loss(pred, target)` of each draw: the mean over the elements of one sample."""
         return (self.prediction - self.target).pow(2).flatten(1).mean(dim=1)
+
+    def loss_per_draw(self) -> torch.Tensor:
+        """The training loss of each draw: its MSE, times its timestep's loss weight when training weighted it."""
+        mse = self.mse_per_draw()
+        return mse if self.weights is None else self.weights * mse
 
 
 class DiffusionTask:
     """Adapter over a diffusers pipeline's denoiser, scheduler, VAE and conditioning.
 
     Args:
-        denoiser: the network whose parameters are attributed (e.g. `UNet2DModel`): a diffusers model with
-            `config.sample_size` and `config.in_channels`, called as `denoiser(x_t, timestep=t, **conditioning)`.
+        denoiser: the network whose parameters are attributed (e.g. `UNet2DModel`): a diffusers model called as
+            `denoiser(x_t, timestep=t, **conditioning)` (its family says how `x_t` and `t` are passed).
         scheduler: a DDPM-family (`alphas_cumprod`) or flow-matching diffusers scheduler.
         image_column: dataset column holding the training images.
         random_flip: whether training applied random horizontal flips; if so, training-side
             draws (factor fitting and training gradients) flip at random, queries never do.
-        vae: for latent diffusion, the pipeline's `AutoencoderKL` or `VQModel` (frozen, not attributed).
+        vae: for latent diffusion, the pipeline's `AutoencoderKL`, `VQModel` or `AutoencoderDC` (frozen).
         conditioning: how a dataset column conditions the denoiser (`conditioning.py`); None when unconditional.
         condition_dropout: the probability with which training replaced a caption by "" (or a class by the null
             class) for classifier-free guidance; training-side draws drop at that rate, queries never do.
+        source: where the pipeline was read from (the factors' provenance).
+        family: the pipeline's family (`families/`): packing, timestep convention, density; default the plain one.
+        sample_shape: `(C, H, W)` of the denoiser's clean sample; default `config.in_channels × sample_size²`.
+        timestep_density: the training timestep density (`timestep_densities.py`: a `TimestepDensity` or its
+            name); default the family's (uniform for DDPM-family models, logit-normal for SD3, shifted for Flux).
+        loss_weighting: the training loss weighting of flow-matching models ("none", "sigma_sqrt", "cosmap").
     """
 
     def __init__(
@@ -74,20 +89,25 @@ class DiffusionTask:
         conditioning: Conditioning | None = None,
         condition_dropout: float = 0.0,
         source: ModelSource | None = None,
+        family: Family | None = None,
+        sample_shape: tuple[int, int, int] | None = None,
+        timestep_density: TimestepDensity | str | None = None,
+        loss_weighting: str = "none",
     ) -> None:
         config = getattr(denoiser, "config", None)
-        if config is None or not hasattr(config, "sample_size") or not hasattr(config, "in_channels"):
+        if (
+            config is None
+            or not hasattr(config, "in_channels")
+            or (sample_shape is None and not hasattr(config, "sample_size"))
+        ):
             raise TypeError(
                 f"{type(denoiser).__name__} is not a supported denoiser: expected a diffusers model "
-                "with config.sample_size and config.in_channels (e.g. UNet2DModel)."
+                "with config.sample_size and config.in_channels (e.g. UNet2DModel), or a sample_shape."
             )
-        if not isinstance(image_column, str):
-            raise TypeError(f"image_column must be a column name (a str), got {image_column!r}.")
-        if not isinstance(random_flip, bool):
-            raise TypeError(f"random_flip must be True or False, got {random_flip!r}.")
-        if isinstance(condition_dropout, bool) or not isinstance(condition_dropout, (int, float)):
-            raise TypeError(f"condition_dropout must be a number in [0, 1), got {condition_dropout!r}.")
-        if not 0.0 <= condition_dropout < 1.0:
+        check_str("image_column", image_column)
+        check_bool("random_flip", random_flip)
+        condition_dropout = check_float("condition_dropout", condition_dropout, minimum=0)
+        if condition_dropout >= 1.0:
             raise ValueError(f"condition_dropout must be in [0, 1), got {condition_dropout}.")
         if condition_dropout > 0 and conditioning is None:
             raise ValueError("condition_dropout needs a conditional pipeline (a label or caption column).")
@@ -99,20 +119,24 @@ class DiffusionTask:
         self.random_flip = random_flip
         self.latents = None if vae is None else LatentEncoder(vae)
         self.conditioning = conditioning
-        self.condition_dropout = float(condition_dropout)
+        self.condition_dropout = condition_dropout
         self.source = source or ModelSource()
+        self.family = family or DEFAULT
         self.prediction_type: str = self.schedule.prediction_type
         self.num_train_timesteps: int = self.schedule.num_train_timesteps
-        size = config.sample_size
-        self.resolution: tuple[int, int] = (size, size) if isinstance(size, int) else tuple(size)
-        self.channels: int = int(config.in_channels)
-        out_channels = getattr(config, "out_channels", None)
-        # DiT-style learned variance: the extra output channels are not part of the simple loss (DiTPipeline
-        # splits them off the same way), so the prediction is the first `channels` ones.
-        self.learned_variance: bool = out_channels == 2 * self.channels
+        shape = sample_shape or DEFAULT.sample_shape(None, denoiser, None, 1)
+        self.channels, self.resolution = int(shape[0]), (int(shape[1]), int(shape[2]))
+        # Learned variance (DiT, PixArt): the extra output channels are not part of the simple loss (the
+        # pipelines split them off the same way), so the prediction is the first `channels` ones.
+        self.learned_variance: bool = getattr(config, "out_channels", None) == 2 * int(config.in_channels)
         self.image_shape: tuple[int, int, int] = (
             self.sample_shape if self.latents is None else self.latents.image_shape(self.sample_shape)
         )
+        if isinstance(timestep_density, str):
+            timestep_density = TimestepDensity(timestep_density)
+        self.timestep_density = timestep_density or TimestepDensity("uniform")
+        self.loss_weighting = loss_weighting
+        self._loss_weights = loss_weights(loss_weighting, self.schedule)
         self._null_conditioning: dict[str, torch.Tensor] | None = None
         if condition_dropout > 0:
             self._null_conditioning = conditioning.null()  # fail early when there is no null input
@@ -130,27 +154,49 @@ class DiffusionTask:
         random_flip: bool = False,
         condition_dropout: float = 0.0,
         source: ModelSource | None = None,
+        resolution: int | None = None,
+        timestep_density: TimestepDensity | str | None = None,
+        loss_weighting: str = "none",
+        conditioning_options: dict[str, Any] | None = None,
     ) -> DiffusionTask:
-        """Build the task from a loaded diffusers pipeline: its `unet` or `transformer`, its `scheduler`, its
-        `vae`/`vqvae` (latent pipelines), and the class labels of `label_column` (DiT) or the captions of
-        `caption_column` (Stable Diffusion, encoded by the pipeline's frozen text encoders). `source` says
-        where the pipeline was read from (recorded in the factors' provenance).
+        """Build the task from a loaded diffusers pipeline: its `unet` or `transformer`, its `scheduler`, its VAE
+        (latent pipelines), and the class labels of `label_column` (DiT) or the captions of `caption_column`
+        (text-to-image: given to the denoiser as the pipeline's own `__call__` gives them). `source` says where the
+        pipeline was read from; `resolution` is the training images' side in pixels (default: the denoiser's);
+        `conditioning_options` are the family's (SDXL: `original_size_column`, `crop_column`; Flux:
+        `guidance_scale`).
 
         A component this library cannot handle gets an error naming it.
         """
         _, denoiser, components = pipeline_denoiser(pipeline)
         vae_name = next((name for name in ("vae", "vqvae") if name in components), None)
-        if vae_name is not None:
-            check_vae(components[vae_name], vae_name)
+        vae = None if vae_name is None else components[vae_name]
+        if vae is not None:
+            check_vae(vae, vae_name)
+        family = family_of(pipeline)
+        downsampling = 1 if vae is None else LatentEncoder(vae, vae_name).downsampling
+        if resolution is not None:
+            resolution = check_int("resolution", resolution, minimum=1)
+        sample_shape = family.sample_shape(pipeline, denoiser, resolution, downsampling)
+        image_shape = sample_shape if vae is None else LatentEncoder(vae, vae_name).image_shape(sample_shape)
+        conditioning = pipeline_conditioning(
+            pipeline, denoiser, label_column, caption_column, image_shape, conditioning_options
+        )
+        if timestep_density is None:
+            timestep_density = family.density(pipeline, noise_schedule(pipeline.scheduler), sample_shape)
         return cls(
             denoiser,
             pipeline.scheduler,
             image_column=image_column,
             random_flip=random_flip,
-            vae=None if vae_name is None else components[vae_name],
-            conditioning=pipeline_conditioning(pipeline, denoiser, label_column, caption_column),
+            vae=vae,
+            conditioning=conditioning,
             condition_dropout=condition_dropout,
             source=source,
+            family=family,
+            sample_shape=sample_shape,
+            timestep_density=timestep_density,
+            loss_weighting=loss_weighting,
         )
 
     @classmethod
@@ -204,7 +250,7 @@ class DiffusionTask:
     @property
     def columns(self) -> list[str]:
         """The dataset columns the task reads: the images, and the labels or captions of a conditional task."""
-        return [self.image_column] + ([self.conditioning.column] if self.conditioning is not None else [])
+        return [self.image_column, *(self.conditioning.columns if self.conditioning is not None else ())]
 
     @contextlib.contextmanager
     def eval_mode(self) -> Iterator[None]:
@@ -269,7 +315,7 @@ class DiffusionTask:
     def examples_from_rows(self, rows: Sequence[dict[str, Any]]) -> Examples:
         """Training rows (with the task's image column, and label or caption column) → `Examples`."""
         pixels = self.preprocess([row[self.image_column] for row in rows])
-        conditions = None if self.conditioning is None else [row[self.conditioning.column] for row in rows]
+        conditions = None if self.conditioning is None else self.conditioning.values(rows)
         return self.encode(pixels, conditions, augment=True)
 
     def encode(self, pixels: torch.Tensor, conditions: Sequence[Any] | None = None, augment: bool = False) -> Examples:
@@ -406,7 +452,7 @@ class DiffusionTask:
         inputs = {}
         for name, value in examples.conditioning.items():
             value = value.to(self.device).repeat_interleave(repeats, dim=0)
-            if draws.drop is not None and draws.drop.any():
+            if draws.drop is not None and draws.drop.any() and name in self._null_conditioning:
                 null = self._null_conditioning[name].to(value.device).expand_as(value)
                 drop = draws.drop.to(value.device).view(-1, *([1] * (value.dim() - 1)))
                 value = torch.where(drop, null, value)
@@ -419,12 +465,17 @@ class DiffusionTask:
         clean, noisy = self.noisy_inputs(examples, draws, repeats)
         timesteps = draws.timesteps.to(self.device)
         inputs = self.denoiser_inputs(examples, draws, repeats)
-        output = self.denoiser(noisy.to(self.dtype), timestep=self.schedule.model_timesteps(timesteps), **inputs)
-        prediction = output.sample
+        if self.conditioning is not None:
+            inputs = self.conditioning.call_inputs(inputs)
+        model_timesteps = self.family.model_timestep(self.schedule.model_timesteps(timesteps))
+        output = self.denoiser(self.family.pack(noisy.to(self.dtype)), timestep=model_timesteps, **inputs)
+        prediction = output[0] if isinstance(output, tuple) else output.sample
+        prediction = self.family.unpack(prediction, self.sample_shape)
         if self.learned_variance:
             prediction = prediction[:, : self.channels]
         noise = draws.noise.to(self.device, clean.dtype)
-        return DenoiserOutput(prediction.to(clean.dtype), self.target(clean, noise, timesteps), timesteps)
+        weights = None if self._loss_weights is None else self._loss_weights.to(self.device)[timesteps].to(clean.dtype)
+        return DenoiserOutput(prediction.to(clean.dtype), self.target(clean, noise, timesteps), timesteps, weights)
 
     def _loss_dtype(self) -> torch.dtype:
         return torch.float64 if self.dtype == torch.float64 else torch.float32

@@ -157,7 +157,7 @@ def test_another_dataset_with_the_same_ids_is_noticed(setup):
     impostor = mnist_dataset(16, 8).select(range(8, 16)).map(lambda row: {"id": row["id"] - 8})
     result = hfi.Attributor(task, factors, index).attribute(dataset[0]["image"], top_k=2)
     assert [row["id"] for row in result.rows(dataset)] == result.proponent_ids[0].tolist()
-    with pytest.raises(ValueError, match="row with id .* is not the row that was indexed"):
+    with pytest.raises(ValueError, match=r"row with id .* is not the row that was indexed"):
         result.rows(impostor)
     index.check_dataset(dataset)
     with pytest.raises(ValueError, match="is not the row that was indexed"):

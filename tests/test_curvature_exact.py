@@ -50,6 +50,12 @@ def make_net(kind: str, seed: int = 0) -> tuple[nn.Module, str]:
             nn.Conv2d(CHANNELS, 3, 3, padding=1), nn.Tanh(), nn.Conv2d(3, CHANNELS, 3, padding=1)
         ).double()
         return net, ("net.0", "net.2")
+    if kind == "grouped":  # a grouped and a depthwise convolution: K-FAC averages their groups' patches
+        net = nn.Sequential(
+            nn.Conv2d(CHANNELS, 4, 3, padding=1), nn.Tanh(), nn.Conv2d(4, 4, 3, padding=1, groups=2), nn.Tanh(),
+            nn.Conv2d(4, CHANNELS, 3, padding=1, groups=CHANNELS),
+        ).double()  # fmt: skip
+        return net, ("net.2", "net.4")
     raise ValueError(kind)
 
 
@@ -208,6 +214,25 @@ def test_ekfac_eigenvalues_are_exact_ggn_diagonal_in_kfac_basis() -> None:
             vectors, covariance = tensors[f"{kind_name}_eigenvectors"], tensors[f"{kind_name}_covariance"]
             rotated_cov = vectors.T @ covariance @ vectors
             torch.testing.assert_close(rotated_cov, torch.diag(torch.diagonal(rotated_cov)), rtol=0, atol=1e-12)
+
+
+def test_ekfac_eigenvalues_of_grouped_convolutions_are_exact_ggn_diagonal() -> None:
+    """Whatever basis K-FAC gives a grouped convolution, EK-FAC's eigenvalues are the exact GGN's diagonal in it."""
+    net, layers = make_net("grouped")
+    task = toy_task(net, CHANNELS, SIZE)
+    rows = random_rows(4)
+    config = hfi.FactorConfig(output_curvature="exact", dtype="float64", draws_per_example=2, batch_size=8)
+    factors = hfi.fit_factors(task, rows, config, checkpoint_dir=None)
+    x_correction, _ = fit_inputs(task, rows, config, "correction")
+    for layer in layers:
+        tensors = factors.layer(layer).tensors()
+        d_out, d_in = tensors["eigenvalues"].shape
+        assert d_in == task.denoiser.net[int(layer[-1])].weight[0].numel()  # C_in / groups · k²
+        q = kronecker_basis(tensors)
+        rotated = q.T @ exact_ggn(net, x_correction, [param_names(layer)[0]]) @ q
+        torch.testing.assert_close(
+            tensors["eigenvalues"], torch.diagonal(rotated).reshape(d_out, d_in), rtol=1e-10, atol=1e-16
+        )
 
 
 def test_ekfac_eigenvalues_ggn_loss_are_empirical_fisher_diagonal() -> None:

@@ -185,17 +185,23 @@ def test_per_example_gradients_of_unusual_layers() -> None:
     assert_gradients_close(actual, expected)
 
 
-def test_grouped_convolution_is_refused() -> None:
-    net = nn.Sequential(nn.Conv2d(2, 2, 3, padding=1), nn.Conv2d(2, 2, 3, padding=1, groups=2)).double()
-    task = toy_task(net, 2, 6)
-    with pytest.raises(NotImplementedError, match=r"'net\.1'.*groups=2"):
-        find_layers(task.denoiser)
-    samples = torch.zeros(1, 2, 6, 6)
-    rows = [{"image": samples[0], "id": 0}]
-    with pytest.raises(NotImplementedError, match=r"'net\.1'.*groups=2"):
-        hfi.fit_factors(task, rows, hfi.FactorConfig(dtype="float64"))
-    # excluding the layer, as the message suggests, works
-    hfi.fit_factors(task, rows, hfi.FactorConfig(dtype="float64", module_filter=r"^net\.0$"))
+def test_per_example_gradients_of_grouped_and_depthwise_convolutions() -> None:
+    """Grouped convolutions (Sana's depthwise GLU convolutions): exact per-example gradients, one group per
+    example block inside the layer's own groups."""
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(2, 4, 3, padding=1), nn.Tanh(), nn.Conv2d(4, 4, 3, padding=1, groups=2), nn.Tanh(),
+        nn.Conv2d(4, 4, 3, padding=2, dilation=2, groups=4), nn.Tanh(), nn.Conv2d(4, 2, 1),
+    ).double()  # fmt: skip
+    task = toy_task(net, 2, 6, random_flip=True)
+    layers = find_layers(task.denoiser)
+    assert [layers[name].groups for name in ("net.2", "net.4")] == [2, 4]
+    samples = torch.rand(3, 2, 6, 6, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    ids = [0, 1, 2]
+    plan = DrawPlan(hfi.Loss(), 2, 0, "train", 4, augment=True)  # two examples per pass, one split over two
+    actual = per_example_gradients(task, layers, samples, ids, plan, dtype=torch.float64)
+    expected = reference_example_gradients(task, layers, samples, ids, 2, 0, "train", augment=True)
+    assert_gradients_close(actual, expected)
 
 
 # --------------------------------------------------------------------------- 7. large-damping limit

@@ -68,9 +68,13 @@ class LinearKind(LayerKind):
 
 
 class Conv2dKind(LayerKind):
-    """`nn.Conv2d` (groups=1; `find_layers` refuses grouped ones): the positions are the output pixels
-    and `a_r` is the im2col patch, in the `(C_in, k1, k2)` order of `W.view(C_out, -1)`. Non-zero
-    padding modes pad first, as the module does."""
+    """`nn.Conv2d`: the positions are the output pixels and `a_r` is the im2col patch, in the `(C_in, k1, k2)`
+    order of `W.view(C_out, -1)`. Non-zero padding modes pad first, as the module does.
+
+    A grouped convolution (depthwise ones included) has `W` of shape `(C_out, C_in/groups · k1 · k2)`: output
+    channel `i` sees only its group's patch. Its K-FAC activation factor treats the groups' patches as further
+    positions — the per-group covariances averaged (`method.md` §3.2: "channel groups are averaged") — and its
+    gradient factor is over all output channels. Per-example gradients are exact (`summed_gradients`)."""
 
     module_type = nn.Conv2d
 
@@ -101,7 +105,9 @@ class Conv2dKind(LayerKind):
         # Strided views instead of F.unfold: one copy into the (position, patch) layout, several times faster.
         patches = padded.unfold(2, d1 * (k1 - 1) + 1, s1).unfold(3, d2 * (k2 - 1) + 1, s2)[..., ::d1, ::d2]
         batch, channels, out1, out2 = patches.shape[:4]
-        return patches.permute(0, 2, 3, 1, 4, 5).reshape(batch, out1 * out2, channels * k1 * k2)
+        groups = module.groups
+        rows = patches.permute(0, 2, 3, 1, 4, 5).reshape(batch, out1 * out2 * groups, channels // groups * k1 * k2)
+        return rows
 
     @classmethod
     def summed_gradients(
@@ -116,12 +122,12 @@ class Conv2dKind(LayerKind):
         grad_output = grad_output.reshape(groups, per_group, out_channels, *grad_output.shape[2:]).transpose(0, 1)
         weight = torch.nn.grad.conv2d_weight(
             padded.reshape(per_group, groups * channels, height, width).to(grad_output.dtype),
-            (groups * out_channels, channels, *module.kernel_size),
+            (groups * out_channels, channels // module.groups, *module.kernel_size),
             grad_output.reshape(per_group, groups * out_channels, *grad_output.shape[3:]),
             stride=module.stride,
             padding=padding,
             dilation=module.dilation,
-            groups=groups,
+            groups=groups * module.groups,  # the example blocks, each split into the layer's own groups
         )
         return weight.reshape(groups, out_channels, -1)
 
@@ -166,11 +172,6 @@ def find_layers(
             continue
         if callable(module_filter) and not module_filter(name, module):
             continue
-        if getattr(module, "groups", 1) != 1:
-            raise NotImplementedError(
-                f"Layer {name!r} is a grouped convolution (groups={module.groups}), which is not supported; "
-                "exclude it with module_filter=..."
-            )
         layers[name] = module
     if not layers:
         raise ValueError(

@@ -134,7 +134,12 @@ class EigenvalueCorrectionAccumulator:
         # Either rotate a and g and sum their products over positions, or form each draw's ∇W_s
         # (the layer's own weight-gradient kernel) and rotate it: whichever needs fewer multiplications.
         # A truncated basis needs ∇W_s itself, for the energy outside the kept directions.
-        rotate_first = not truncated and positions * (d_in * d_in + d_out * d_out) < d_out * d_in * (d_in + d_out)
+        # (A grouped convolution's patches are not paired position by position with g: it takes ∇W_s.)
+        rotate_first = (
+            not truncated
+            and getattr(module, "groups", 1) == 1
+            and positions * (d_in * d_in + d_out * d_out) < d_out * d_in * (d_in + d_out)
+        )
         if rotate_first:
             a, rotated_g = kind.activations(module, inputs).to(self.dtype) @ q_a, g @ q_g
         else:
