@@ -12,7 +12,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import _get_current_function_mode_stack
 
-from hf_influence.planning import meta_inputs
+import hf_influence as hfi
+from hf_influence.planning import PRESETS, meta_inputs
 from hf_influence.planning.inputs import INPUTS_BY_CLASS, register_inputs
 from hf_influence.planning.trace import trace_draw
 
@@ -63,3 +64,23 @@ def test_meta_inputs_come_from_the_class_registry() -> None:
     finally:
         del INPUTS_BY_CLASS["Unknown"]
     assert inputs["sample"].shape == (3, 2, 6, 6) and inputs["sample"].device.type == "meta"
+
+
+@pytest.mark.parametrize(
+    ("preset", "denoiser"),
+    [
+        ("flux1-dev-lora", "FluxTransformer2DModel"),
+        ("sd35-medium-lora", "SD3Transformer2DModel"),
+        ("sd35-large-lora", "SD3Transformer2DModel"),
+        ("sdxl-lora", "UNet2DConditionModel"),
+        ("pixart-sigma", "PixArtTransformer2DModel"),
+    ],
+)
+def test_full_size_presets_of_every_family_are_planned(preset, denoiser):
+    """The families' full-size configs on the meta device; a LoRA preset attributes its adapter only."""
+    result = hfi.plan(preset, batch_size=1)
+    assert result.model == denoiser and result.layers
+    lora = PRESETS[preset].lora_rank is not None
+    assert all((".lora_" in layer.name) == lora for layer in result.layers)
+    if lora:  # r = 4: lora_A is (4, d_in) and lora_B (d_out, 4)
+        assert {min(layer.d_out, layer.d_in) for layer in result.layers} == {4}

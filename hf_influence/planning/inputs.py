@@ -21,7 +21,15 @@ from torch import nn
 InputsFunction = Callable[[Any, int, tuple[int, ...]], dict[str, Any]]
 
 INPUTS_BY_CLASS: dict[str, InputsFunction] = {}
-TEXT_TOKENS = {"UNet2DConditionModel": 77, "SD3Transformer2DModel": 333}  # CLIP; CLIP + T5 for SD3
+# Text tokens each class attends to: CLIP; CLIP + T5 (SD3); T5 (Flux, PixArt); Gemma (Sana): the pipelines' defaults.
+TEXT_TOKENS = {
+    "UNet2DConditionModel": 77,
+    "SD3Transformer2DModel": 333,
+    "FluxTransformer2DModel": 512,
+    "PixArtTransformer2DModel": 300,
+    "SanaTransformer2DModel": 300,
+}
+FLUX_SAMPLE_SIZE = 128  # FluxPipeline.default_sample_size: 1024-pixel images
 
 
 def meta_inputs(model: nn.Module, batch: int, resolution: int | None) -> dict[str, Any]:
@@ -30,7 +38,7 @@ def meta_inputs(model: nn.Module, batch: int, resolution: int | None) -> dict[st
     name = type(model).__name__
     if name not in INPUTS_BY_CLASS:
         raise NotImplementedError(f"No example inputs are known for {name}: pass inputs=... to plan().")
-    size = resolution or model.config.sample_size
+    size = resolution or model.config.get("sample_size", FLUX_SAMPLE_SIZE)
     size = (size, size) if isinstance(size, int) else tuple(size)
     with torch.device("meta"):
         return INPUTS_BY_CLASS[name](model.config, batch, size)
@@ -88,4 +96,48 @@ def _dit_transformer(config: Any, batch: int, size: tuple[int, ...]) -> dict[str
     """DiT: class-conditional."""
     inputs = _noisy_sample(config, batch, size, key="hidden_states")
     inputs["class_labels"] = torch.zeros(batch, dtype=torch.long)
+    return inputs
+
+
+@register_inputs("FluxTransformer2DModel")
+def _flux_transformer(config: Any, batch: int, size: tuple[int, ...]) -> dict[str, Any]:
+    """Flux: 2 × 2-packed latent tokens, T5 states, pooled CLIP, position ids and (dev) a guidance value."""
+    tokens = (size[0] // 2) * (size[1] // 2)
+    text = TEXT_TOKENS["FluxTransformer2DModel"]
+    inputs = {
+        "hidden_states": torch.zeros(batch, tokens, config.in_channels, requires_grad=True),
+        "timestep": torch.zeros(batch),
+        "encoder_hidden_states": torch.zeros(batch, text, config.joint_attention_dim),
+        "pooled_projections": torch.zeros(batch, config.pooled_projection_dim),
+        "txt_ids": torch.zeros(text, 3),
+        "img_ids": torch.zeros(tokens, 3),
+    }
+    if config.guidance_embeds:
+        inputs["guidance"] = torch.zeros(batch)
+    return inputs
+
+
+@register_inputs("PixArtTransformer2DModel")
+def _pixart_transformer(config: Any, batch: int, size: tuple[int, ...]) -> dict[str, Any]:
+    """PixArt-α/Σ: T5 states; the resolution and aspect ratio for models with additional conditions."""
+    inputs = _noisy_sample(config, batch, size, key="hidden_states")
+    inputs["encoder_hidden_states"] = torch.zeros(
+        batch, TEXT_TOKENS["PixArtTransformer2DModel"], config.caption_channels
+    )
+    additional = config.use_additional_conditions
+    if additional is None:
+        additional = config.sample_size == 128
+    inputs["added_cond_kwargs"] = (
+        {"resolution": torch.zeros(batch, 2), "aspect_ratio": torch.zeros(batch, 1)}
+        if additional
+        else {"resolution": None, "aspect_ratio": None}
+    )
+    return inputs
+
+
+@register_inputs("SanaTransformer2DModel")
+def _sana_transformer(config: Any, batch: int, size: tuple[int, ...]) -> dict[str, Any]:
+    """Sana: Gemma states."""
+    inputs = _noisy_sample(config, batch, size, key="hidden_states")
+    inputs["encoder_hidden_states"] = torch.zeros(batch, TEXT_TOKENS["SanaTransformer2DModel"], config.caption_channels)
     return inputs

@@ -8,6 +8,7 @@ model) and returns a diffusers model whose parameters are all on the meta device
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -15,22 +16,49 @@ from typing import Any
 import torch
 from torch import nn
 
-# Preset name -> a diffusers config shipped in hf_influence/plan_configs/ (package data).
+
+@dataclass(frozen=True)
+class Preset:
+    """A shipped denoiser config (hf_influence/plan_configs/, written from the public model repos' config.json),
+    optionally with a LoRA adapter of rank `lora_rank` on `lora_targets` (diffusers' training scripts' defaults)."""
+
+    config_file: str
+    lora_rank: int | None = None
+    lora_targets: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
+
+
 PRESETS = {
-    "sd15": "sd15_unet.json",
-    "sdxl": "sdxl_unet.json",
-    "sd3-medium": "sd3_medium_transformer.json",
+    "sd15": Preset("sd15_unet.json"),
+    "sdxl": Preset("sdxl_unet.json"),
+    "sdxl-lora": Preset("sdxl_unet.json", lora_rank=4),
+    "sd3-medium": Preset("sd3_medium_transformer.json"),
+    "sd35-medium-lora": Preset("sd35_medium_transformer.json", lora_rank=4),
+    "sd35-large-lora": Preset("sd35_large_transformer.json", lora_rank=4),
+    "flux1-dev-lora": Preset("flux1_dev_transformer.json", lora_rank=4),
+    "pixart-sigma": Preset("pixart_sigma_transformer.json"),
 }
 _CONFIG_FILES = ("unet/config.json", "transformer/config.json", "config.json")
 
 
 def preset_config(name: str) -> dict[str, Any]:
-    """The diffusers config of a shipped preset: "sd15" (SD-1.5 UNet), "sdxl" (SDXL base UNet) or
-    "sd3-medium" (SD3-medium transformer)."""
+    """The diffusers config of a shipped preset's denoiser (see `PRESETS`)."""
     if name not in PRESETS:
         raise ValueError(f"Unknown preset {name!r}; choose one of {sorted(PRESETS)}.")
-    text = resources.files("hf_influence").joinpath("plan_configs", PRESETS[name]).read_text()
+    text = resources.files("hf_influence").joinpath("plan_configs", PRESETS[name].config_file).read_text()
     return json.loads(text)
+
+
+def _preset_on_meta(name: str) -> nn.Module:
+    """A preset's denoiser on the meta device, with its LoRA adapter when it has one."""
+    model = _from_config(preset_config(name))
+    preset = PRESETS[name]
+    if preset.lora_rank is not None:
+        from peft import LoraConfig
+
+        config = LoraConfig(r=preset.lora_rank, lora_alpha=preset.lora_rank, target_modules=list(preset.lora_targets))
+        with torch.device("meta"):
+            model.add_adapter(config)
+    return model
 
 
 def denoiser_on_meta(source: Any) -> nn.Module:
@@ -48,7 +76,7 @@ def denoiser_on_meta(source: Any) -> nn.Module:
             raise TypeError(f"{type(source).__name__} has no `unet` or `transformer` component.")
         return denoiser_on_meta(denoiser)
     if isinstance(source, str) and source in PRESETS:
-        source = preset_config(source)
+        return _preset_on_meta(source)
     if isinstance(source, (str, Path)):
         source = _read_denoiser_config(str(source))
     if isinstance(source, dict):

@@ -19,7 +19,7 @@ from ..factors import STORAGE_DTYPES, FactorConfig
 from ..index import IndexConfig
 from .inputs import meta_inputs
 from .layer_bytes import BYTE_KINDS, fitting_bytes, stored_bytes
-from .meta import denoiser_on_meta
+from .meta import PRESETS, denoiser_on_meta
 from .trace import Trace, trace_draw
 
 # The assumed device for the draws-per-second class: an H100-class GPU running the network in bf16
@@ -370,6 +370,9 @@ def plan(
     factor_config = factor_config or FactorConfig()
     if batch_size is not None:
         factor_config = dataclasses.replace(factor_config, batch_size=batch_size)
+    lora_preset = isinstance(source, str) and source in PRESETS and PRESETS[source].lora_rank is not None
+    if lora_preset and factor_config.module_filter is None:  # a LoRA preset attributes its adapter
+        factor_config = dataclasses.replace(factor_config, module_filter=LORA_ONLY)
     model = denoiser_on_meta(source)
     everything = find_layers(model, None)
     selected = find_layers(model, factor_config.module_filter)
