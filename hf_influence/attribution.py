@@ -18,6 +18,7 @@ from torch import nn
 from .data import check_dataset
 from .deprecation import renamed_argument
 from .engine import DrawPlan, dataset_batches
+from .estimators import Estimator
 from .factors import InfluenceFactors
 from .gradients import DEFAULT_DRAWS, LayerGradients, per_example_scores, query_gradients
 from .index import GradientIndex
@@ -57,6 +58,7 @@ def pairwise_scores(
     prompts: Sequence[str] | None = None,
     num_query_draws: int | None = None,
     num_train_draws: int | None = None,
+    estimator: str = "plain",
 ) -> torch.Tensor:
     """Influence scores `[num_queries, num_train]` of every training example on every query, no index needed.
 
@@ -79,9 +81,12 @@ def pairwise_scores(
         check_int(name, value, minimum=1)
     factors.check_compatible(task, force=force)
     layers = modules_of(task, factors.modules)
-    grads = query_gradients(task, layers, queries, measurement, draws_per_query, seed, batch_size, labels, prompts)
+    chosen = Estimator.named(estimator)
+    grads = query_gradients(
+        task, layers, queries, measurement, draws_per_query, seed, batch_size, labels, prompts, chosen
+    )
     preconditioned = precondition_gradients(factors.to(task.device), grads, damping)
-    plan = DrawPlan.training(draws_per_example, seed, batch_size)
+    plan = DrawPlan.training(draws_per_example, seed, batch_size, estimator=chosen)
     batches = dataset_batches(train_dataset, task, plan.examples_per_pass, id_column, "Scoring training examples")
     columns = [per_example_scores(task, layers, batch.examples, batch.ids, plan, preconditioned) for batch in batches]
     return torch.cat(columns, dim=1).cpu()
@@ -279,7 +284,10 @@ class Attributor:
             )
         if key is None or self._cache is None or self._cache[0] != key:
             examples = self.task.encode(pixels, conditions)
-            grads = query_gradients(self.task, self.layers, examples, measurement, draws_per_query, seed, batch_size)
+            estimator = Estimator.named(self.index.config.estimator)  # the index's: common draws must be shared
+            grads = query_gradients(
+                self.task, self.layers, examples, measurement, draws_per_query, seed, batch_size, estimator=estimator
+            )
             rotated = {name: self.factors.to_eigenbasis(name, *grad) for name, grad in grads.items()}
             self._cache = None if key is None else (key, rotated)
             return rotated

@@ -19,6 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .data import ExampleBatch, dataset_length, iter_example_batches
+from .estimators import PLAIN, Estimator
 from .measurements import Loss, Measurement
 from .validation import check_int, check_type
 
@@ -35,7 +36,8 @@ class DrawPlan:
     """What each example's draws are and what is computed on them: `measurement` per draw (the training loss,
     or a measurement of generated samples), over `draws_per_example` draws seeded by (seed, stream, example
     id), `batch_size` draws per forward pass (so nothing depends on `batch_size`). `augment` applies the task's
-    training augmentation (flips, conditioning dropout); `timestep` fixes t instead of drawing it."""
+    training augmentation (flips, conditioning dropout); `timestep` fixes t instead of drawing it; `estimator`
+    chooses the draws (`estimators.py`)."""
 
     measurement: Measurement
     draws_per_example: int
@@ -44,6 +46,7 @@ class DrawPlan:
     batch_size: int
     augment: bool = False
     timestep: int | None = None
+    estimator: Estimator = PLAIN
 
     def __post_init__(self) -> None:
         check_type("measurement", self.measurement, Measurement)
@@ -52,14 +55,19 @@ class DrawPlan:
         object.__setattr__(self, "seed", check_int("seed", self.seed))
 
     @classmethod
-    def training(cls, draws_per_example: int, seed: int, batch_size: int, stream: str = "train") -> DrawPlan:
+    def training(
+        cls, draws_per_example: int, seed: int, batch_size: int, stream: str = "train", estimator: Estimator = PLAIN
+    ) -> DrawPlan:
         """The training loss with the training augmentation: fitting passes and indexed training gradients."""
-        return cls(Loss(), draws_per_example, seed, stream, batch_size, augment=True)
+        return cls(Loss(), draws_per_example, seed, stream, batch_size, augment=True, estimator=estimator)
 
     @classmethod
-    def query(cls, measurement: Measurement, draws_per_example: int, seed: int, batch_size: int) -> DrawPlan:
+    def query(
+        cls, measurement: Measurement, draws_per_example: int, seed: int, batch_size: int, estimator: Estimator = PLAIN
+    ) -> DrawPlan:
         """A measurement of generated samples, never augmented."""
-        return cls(measurement, draws_per_example, seed, "query", batch_size, timestep=measurement.timestep)
+        timestep = measurement.timestep
+        return cls(measurement, draws_per_example, seed, "query", batch_size, timestep=timestep, estimator=estimator)
 
     @property
     def examples_per_pass(self) -> int:
@@ -113,6 +121,7 @@ def run_draws(
                 plan.stream,
                 plan.augment,
                 plan.timestep,
+                plan.estimator,
             )
             step(rows, output, draws)
 

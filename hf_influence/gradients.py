@@ -18,6 +18,7 @@ from torch import nn
 from .curvature.capture import LayerCapture
 from .curvature.layers import LayerKind
 from .engine import DrawPlan, run_draws
+from .estimators import PLAIN, Estimator
 from .examples import Examples
 from .measurements import Measurement, get_measurement
 from .task import DiffusionTask
@@ -134,10 +135,12 @@ def query_gradients(
     batch_size: int = 64,
     labels: Sequence[Any] | None = None,
     prompts: Sequence[str] | None = None,
+    estimator: Estimator = PLAIN,
 ) -> LayerGradients:
     """Gradients of the measurement of each query (no augmentation; query `i` has id `i`). `queries` are images
-    (conditioned on their class `labels` or `prompts` as they were generated) or `Examples` already encoded."""
+    (conditioned on their class `labels` or `prompts` as they were generated) or `Examples` already encoded;
+    `estimator` chooses the draws (the training side's, for common random numbers)."""
     measurement = get_measurement(measurement)
     examples = queries if isinstance(queries, Examples) else task.examples(queries, labels=labels, prompts=prompts)
-    plan = DrawPlan.query(measurement, draws_per_query, seed, batch_size)
+    plan = DrawPlan.query(measurement, draws_per_query, seed, batch_size, estimator)
     return per_example_gradients(task, layers, examples, list(range(len(examples))), plan)

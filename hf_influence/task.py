@@ -25,6 +25,7 @@ from torch import nn
 
 from .conditioning import Conditioning, pipeline_conditioning
 from .draws import Draws, sample_draws
+from .estimators import PLAIN, Estimator
 from .examples import Examples, images_to_tensor
 from .families import DEFAULT, Family, family_of
 from .latents import LatentEncoder, check_vae
@@ -388,9 +389,10 @@ class DiffusionTask:
         stream: str,
         augment: bool = False,
         timestep: int | None = None,
+        estimator: Estimator = PLAIN,
     ) -> Draws:
-        """`num_draws` independent draws for each example, rows ordered example-major (see `draws.py`)."""
-        return sample_draws(self, example_ids, num_draws, seed, stream, augment, timestep)
+        """`num_draws` draws for each example, rows ordered example-major (see `draws.py`)."""
+        return sample_draws(self, example_ids, num_draws, seed, stream, augment, timestep, estimator)
 
     def run(
         self,
@@ -402,9 +404,10 @@ class DiffusionTask:
         stream: str,
         augment: bool = False,
         timestep: int | None = None,
+        estimator: Estimator = PLAIN,
     ) -> tuple[DenoiserOutput, Draws]:
         """Draws `draw_rows` of each example's `num_draws` (seeded by id) and the denoiser's output on them."""
-        draws = self.draw(ids, num_draws, seed, stream, augment=augment, timestep=timestep)
+        draws = self.draw(ids, num_draws, seed, stream, augment=augment, timestep=timestep, estimator=estimator)
         if (draw_rows.start, draw_rows.stop) != (0, num_draws):
             if len(ids) != 1:
                 raise ValueError("A subset of draws can only be taken for one example at a time.")

@@ -55,9 +55,19 @@ class TimestepDensity:
         if self.name == "logit_normal":
             u = torch.sigmoid(self.mean + self.std * torch.randn(count, generator=generator, dtype=torch.float64))
             return (u * size).long().clamp(max=size - 1)
+        return self.quantile(torch.rand(count, generator=generator, dtype=torch.float64), schedule)
+
+    def quantile(self, u: torch.Tensor, schedule: NoiseSchedule) -> torch.Tensor:
+        """The timestep indices at probabilities `u` in (0, 1): the density's quantile function, for stratified
+        draws (each `u` from its own stratum)."""
+        size = schedule.num_train_timesteps
+        if self.name == "uniform":
+            return (u * size).long().clamp(max=size - 1)
+        if self.name == "logit_normal":
+            z = torch.special.ndtri(u.clamp(1e-12, 1 - 1e-12))
+            return (torch.sigmoid(self.mean + self.std * z) * size).long().clamp(max=size - 1)
         if not hasattr(schedule, "sigmas"):
             raise ValueError("The shifted density draws flow-matching sigmas; this schedule has none.")
-        u = torch.rand(count, generator=generator, dtype=torch.float64)
         sigma = self.shift * u / (1 + (self.shift - 1) * u)
         return (schedule.sigmas[None, :] - sigma[:, None]).abs().argmin(dim=1)
 

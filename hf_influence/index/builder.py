@@ -27,6 +27,7 @@ from ..curvature.layers import find_layers, layer_kind
 from ..data import check_dataset
 from ..distributed import Ranks
 from ..engine import DrawPlan, dataset_batches
+from ..estimators import Estimator
 from ..files import atomic_write
 from ..gradients import per_example_gradients
 from ..hub import open_repo
@@ -114,7 +115,9 @@ def _index_part(
     if done:
         _check_indexed_rows(part, shards, prefix.parent, metadata)
     remaining = part.skip(done) if done and hasattr(part, "skip") else itertools.islice(part, done, None)
-    plan = DrawPlan.training(config.draws_per_example, config.seed, config.batch_size)
+    plan = DrawPlan.training(
+        config.draws_per_example, config.seed, config.batch_size, estimator=Estimator.named(config.estimator)
+    )
     batches = dataset_batches(
         remaining, task, metadata.examples_per_shard, config.id_column, start=done, rank_part=ranks.world > 1
     )

@@ -7,6 +7,7 @@ from typing import Any
 
 from ..compression import COMPRESSIONS
 from ..deprecation import renamed_fields
+from ..estimators import Estimator
 from ..provenance import DatasetSource, ModelProvenance
 from ..validation import check_choice, check_int, check_regex, check_str
 
@@ -32,6 +33,8 @@ class IndexConfig:
             compressed gradients are large); None bounds shards by `shard_size` only.
         module_filter: regex on layer names; must select the layers the factors were fitted on.
         id_column: the dataset column with stable integer ids (row positions when missing).
+        estimator: how each example's draws are chosen (`estimators.py`): "plain" Monte Carlo, or options
+            joined by "+" ("stratified", "antithetic", "common"); queries against the index use the same.
     """
 
     draws_per_example: int = 250
@@ -45,6 +48,7 @@ class IndexConfig:
     max_shard_bytes: int | None = None
     module_filter: str | None = None
     id_column: str = "id"
+    estimator: str = "plain"
 
     def __post_init__(self) -> None:
         for name in ("draws_per_example", "batch_size", "shard_size", "rank", "projection_dim"):
@@ -59,6 +63,7 @@ class IndexConfig:
             )
         check_regex("IndexConfig.module_filter", self.module_filter)
         check_str("IndexConfig.id_column", self.id_column)
+        Estimator.named(self.estimator)
 
 
 @dataclass(frozen=True)
