@@ -190,8 +190,6 @@ def run_workers(args: argparse.Namespace, phase: str) -> None:
 
 def kfac_scores(args, task, dataset, samples, workdir) -> dict[str, torch.Tensor]:
     """Every K-FAC variant × damping and the gradient dot product, from one pass over the training gradients."""
-    from hf_influence.curvature.inverse import precondition_in_eigenbasis, to_eigenbasis
-
     import hf_influence as hfi
     from hf_influence.curvature.layers import find_layers
     from hf_influence.data import iter_example_batches
@@ -210,12 +208,12 @@ def kfac_scores(args, task, dataset, samples, workdir) -> dict[str, torch.Tensor
             config = hfi.FactorConfig(strategy=strategy, approx=approx, draws_per_example=args.fit_draws)
             factors = hfi.fit_factors(task, dataset, config)
             factors.save_pretrained(path)
-        rotated = {name: to_eigenbasis(factors.layer(name), *grads[name]) for name in layers}
+        rotated = {name: factors.to_eigenbasis(name, *grads[name]) for name in layers}
         for damping in dampings:
             key = f"{variant}@{damping:g}"
             names.append(key)
             blocks[key] = {
-                name: precondition_in_eigenbasis(factors.layer(name), weight, bias, damping)
+                name: factors.precondition_in_eigenbasis(name, weight, bias, damping)
                 for name, (weight, bias) in rotated.items()
             }
     names.append("gradient-dot")
