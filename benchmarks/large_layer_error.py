@@ -17,11 +17,11 @@ from __future__ import annotations
 import json
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 from diffusers import DDPMScheduler, UNet2DModel
-from hf_influence.curvature.inverse import precondition
 from models import benchmark_unet
 from scipy.stats import pearsonr, spearmanr
 
@@ -29,6 +29,8 @@ import hf_influence as hfi
 from hf_influence.attribution import DEFAULT_DAMPING
 from hf_influence.curvature.eigen import eigendecompose
 from hf_influence.curvature.large_layers import truncate
+from hf_influence.curvature.layer_factors import LayerFactors
+from hf_influence.curvature.strategies import get_strategy
 from hf_influence.data import mnist_demo_dataset
 from hf_influence.engine import DrawPlan
 from hf_influence.gradients import per_example_gradients
@@ -42,7 +44,7 @@ def mid_sized_layer() -> dict:
     factors = hfi.fit_factors(task, train, hfi.FactorConfig(strategy="kfac", batch_size=64))
     name = max(factors.modules, key=lambda module: factors.metadata.shapes[module][1])
     layer = factors.layer(name)
-    activation, gradient = layer["activation_covariance"].double(), layer["gradient_covariance"].double()
+    activation, gradient = layer.activation_covariance.double(), layer.gradient_covariance.double()
     d_in = len(activation)
     layers = {name: hfi.curvature.find_layers(task.denoiser)[name]}
     samples = task.preprocess([row["image"] for row in train.select(range(32))])
@@ -50,23 +52,28 @@ def mid_sized_layer() -> dict:
     weight, bias = (value.double() if value is not None else None for value in grads[name])
     values, vectors = eigendecompose(activation)
     g_values, g_vectors = eigendecompose(gradient)
-    exact_layer = {
-        "activation_eigenvectors": vectors,
-        "activation_eigenvalues": values,
-        "gradient_eigenvectors": g_vectors,
-        "gradient_eigenvalues": g_values,
-        "bias_eigenvalues": g_values,
-    }
+    exact_layer = LayerFactors(
+        activation_eigenvectors=vectors,
+        activation_eigenvalues=values,
+        gradient_eigenvectors=g_vectors,
+        gradient_eigenvalues=g_values,
+        bias_eigenvalues=g_values,
+    )
+    kfac = get_strategy("kfac")
     mean_eigenvalue = (torch.outer(g_values, values)).mean().item()
     dampings = {"default": DEFAULT_DAMPING, "1e-3 x mean eigenvalue": 1e-3 * mean_eigenvalue}
-    exact = {label: precondition(exact_layer, weight, bias, damping)[0] for label, damping in dampings.items()}
+    exact = {label: kfac.precondition(exact_layer, weight, bias, damping)[0] for label, damping in dampings.items()}
     rows = []
     for rank in (16, 32, 64, 128, 256, d_in - 1):
         top, top_vectors, residual = truncate(values, vectors, rank)
         approx = top_vectors @ torch.diag(top) @ top_vectors.T
         approx += residual * (torch.eye(d_in, dtype=approx.dtype) - top_vectors @ top_vectors.T)
-        truncated = dict(exact_layer, activation_eigenvectors=top_vectors, activation_eigenvalues=top)
-        truncated["activation_residual_eigenvalue"] = residual
+        truncated = replace(
+            exact_layer,
+            activation_eigenvectors=top_vectors,
+            activation_eigenvalues=top,
+            activation_residual_eigenvalue=residual,
+        )
         row = {
             "rank": rank,
             "factor_relative_error": ((approx - activation).norm() / activation.norm()).item(),
@@ -74,7 +81,7 @@ def mid_sized_layer() -> dict:
             "eigenvector_bytes_ratio": rank / d_in,
         }
         for label, damping in dampings.items():
-            ours = precondition(truncated, weight, bias, damping)[0]
+            ours = kfac.precondition(truncated, weight, bias, damping)[0]
             row[f"inverse_relative_error ({label})"] = ((ours - exact[label]).norm() / exact[label].norm()).item()
         rows.append(row)
     return {"layer": name, "shape": factors.metadata.shapes[name], "dampings": dampings, "rows": rows}
