@@ -12,7 +12,7 @@ from hf_influence.queries import QueryConditions
 
 UNCONDITIONAL = SimpleNamespace(conditioning=None)
 LABELS = SimpleNamespace(conditioning=ClassLabels("label", 10, names={"three": 3}))
-PROMPTS = SimpleNamespace(conditioning=Captions("text", encode_prompts=lambda captions: {}))
+PROMPTS = SimpleNamespace(conditioning=SimpleNamespace(kind=Captions.kind))  # only the kind is read
 CLI_OPTIONS = {"labels": "--label", "prompts": "--prompt"}
 
 
