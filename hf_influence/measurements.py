@@ -119,6 +119,19 @@ class SquareNorm(Measurement):
         return self.name
 
 
+class MeanOutput(Measurement):
+    """DAS's output function: `mean(pred)`, the denoiser's output reduced to one number per draw, whose gradient
+    is the (summed) Jacobian of the output rather than of a loss."""
+
+    name = "mean_output"
+
+    def __call__(self, task: DiffusionTask, output: DenoiserOutput) -> torch.Tensor:
+        return output.prediction.flatten(1).mean(dim=1)
+
+    def cache_key(self) -> Hashable:
+        return self.name
+
+
 class LossAtTime(Loss):
     """The training loss at one fixed timestep (an ablation)."""
 
@@ -138,11 +151,13 @@ MEASUREMENTS: dict[str, type[Measurement]] = {
     "loss": Loss,
     "simplified_elbo": SimplifiedELBO,
     "square_norm": SquareNorm,
+    "mean_output": MeanOutput,
 }
 
 
 def get_measurement(measurement: str | Measurement) -> Measurement:
-    """Resolve a measurement given by name ("loss", "simplified_elbo", "square_norm") or instance."""
+    """Resolve a measurement given by name ("loss", "simplified_elbo", "square_norm", "mean_output") or
+    instance."""
     if isinstance(measurement, Measurement):
         return measurement
     if measurement not in MEASUREMENTS:

@@ -3,6 +3,8 @@ per-example gradients from `torch.func` on a tiny net, the projection materialis
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import datasets
 import pytest
 import torch
@@ -13,6 +15,7 @@ from torch.func import functional_call, grad
 
 import hf_influence as hfi
 from hf_influence.baselines import (
+    DAS,
     TRAK,
     GaussianProjection,
     TRAKConfig,
@@ -63,9 +66,15 @@ def reference_gradient(task, sample, example_id, stream, augment, objective) -> 
 
     def value(p):
         prediction = functional_call(task.denoiser, p, (noisy, drawn.timesteps)).sample
+        if objective == "mean_output":
+            return prediction.flatten(1).mean(dim=1).mean()
         per_draw = (prediction - drawn.noise.to(torch.float64)) if objective == "loss" else prediction
         return per_draw.pow(2).flatten(1).mean(dim=1).mean()
 
+    if objective == "residual":  # the RMS residual averaged over the draws (DAS's training-side weight)
+        with torch.no_grad():
+            prediction = task.denoiser(noisy, drawn.timesteps).sample
+        return (prediction - drawn.noise.to(torch.float64)).pow(2).flatten(1).mean(dim=1).sqrt().mean()
     gradients = grad(value)(params)
     return torch.cat([gradients[name].flatten() for name in names])
 
@@ -113,6 +122,30 @@ def test_trak_and_d_trak_match_a_dense_computation(objective):
     torch.testing.assert_close(trak.scores_from_features(phi_q, damping=10.0), expected, rtol=1e-8, atol=1e-12)
     # Sign: an example scored as its own query is a proponent, (K + λI)⁻¹ being positive definite.
     assert (trak.scores_from_features(phi).diagonal() > 0).all()
+
+
+def test_das_matches_a_dense_computation():
+    task = toy()
+    train = as_dataset(images(9, 0))
+    queries = images(3, 1)
+    config = TRAKConfig(measurement="mean_output", projection_dim=5, draws_per_example=DRAWS, seed=SEED, damping=0.1)
+    das = DAS(task, train, replace(config, examples_per_projection=4))
+    projection = GaussianProjection(5, SEED)
+    samples = dataset_images(train, task)
+    phi = dense_features(task, samples, "train", True, "mean_output", projection)
+    phi_q = dense_features(task, queries, "query", False, "mean_output", projection)
+    residuals = torch.stack(
+        [reference_gradient(task, sample[None], i, "train", True, "residual") for i, sample in enumerate(samples)]
+    )
+    torch.testing.assert_close(das.train_features, phi, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(das.residuals, residuals, rtol=1e-9, atol=1e-12)
+    kernel = phi.T @ phi
+    expected = phi_q @ torch.linalg.solve(kernel + 0.1 * kernel.trace() / 5 * torch.eye(5, dtype=torch.float64), phi.T)
+    torch.testing.assert_close(das.scores(queries), expected * residuals, rtol=1e-8, atol=1e-12)
+    # The same scores whatever the grouping of examples; a loss-based config is refused by name.
+    torch.testing.assert_close(DAS(task, train, config).scores(queries), expected * residuals, rtol=1e-8, atol=1e-12)
+    with pytest.raises(ValueError, match="measurement must be 'mean_output'"):
+        DAS(task, train, TRAKConfig(measurement="loss"))
 
 
 def test_projection_is_deterministic_and_independent_of_grouping():

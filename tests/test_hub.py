@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import uuid
+from dataclasses import replace
 from pathlib import Path
 
 import datasets
@@ -85,8 +86,9 @@ def test_pipeline_and_dataset_from_the_hub_feed_fitting_and_indexing(hub, on_hub
     for metadata in (factors.metadata, index.metadata):
         assert metadata.model.repo_id == pipeline_repo
         assert metadata.model.revision == task.source.revision
-        assert metadata.dataset == hfi.DatasetSource(repo_id=dataset_repo, revision=source.revision, split="train",
-                                                     id_column="id")  # fmt: skip
+        expected = hfi.DatasetSource(repo_id=dataset_repo, revision=source.revision, split="train", id_column="id")
+        assert replace(metadata.dataset, digest=None) == expected and metadata.dataset.digest  # the rows read
+    assert factors.metadata.dataset.digest == index.metadata.dataset.digest  # the same 12 rows
     assert source.revision == hub.api.dataset_info(dataset_repo).sha
 
     factors_repo, index_repo = repo_name("factors"), repo_name("index")

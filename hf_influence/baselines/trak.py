@@ -27,12 +27,12 @@ from ..data import check_dataset
 from ..deprecation import renamed_fields
 from ..engine import DrawPlan, dataset_batches
 from ..gradients import LayerGradients, per_example_gradients
-from ..measurements import Loss, SquareNorm
+from ..measurements import Loss, MeanOutput, SquareNorm
 from ..seeding import seeded_generator
 from ..task import DiffusionTask
 from ..validation import check_choice, check_float, check_int, check_type
 
-MEASUREMENTS = {"loss": Loss, "square_norm": SquareNorm}
+MEASUREMENTS = {"loss": Loss, "square_norm": SquareNorm, "mean_output": MeanOutput}
 
 
 @renamed_fields(num_draws="draws_per_example", output_function="measurement")
@@ -41,8 +41,8 @@ class TRAKConfig:
     """How TRAK / D-TRAK features and scores are computed.
 
     Attributes:
-        measurement: "loss" (TRAK: training loss on both sides) or "square_norm" (D-TRAK: mean of
-            the squared denoiser output on both sides).
+        measurement: "loss" (TRAK: training loss on both sides), "square_norm" (D-TRAK: mean of
+            the squared denoiser output on both sides) or "mean_output" (DAS: mean of the output).
         projection_dim: dimension k of the Gaussian projection of each gradient.
         draws_per_example: (t, ε) draws averaged per example, on both sides (training examples and queries).
         damping: λ relative to the mean eigenvalue of the kernel: `(ΦᵀΦ + damping · tr(ΦᵀΦ)/k · I)⁻¹`.
@@ -127,7 +127,7 @@ class TRAK:
         features, ids = [], []
         batches = dataset_batches(train_dataset, task, c.examples_per_projection, c.id_column, "TRAK features")
         for batch in batches:
-            features.append(self._features(batch.examples, batch.ids, self.train_plan))
+            features.append(self._train_features(batch.examples, batch.ids))
             ids.extend(batch.ids)
         self.train_features = torch.cat(features)  # (N, k) fp64
         self.ids = ids
@@ -138,6 +138,9 @@ class TRAK:
     def _features(self, examples: Any, ids: list[Any], plan: DrawPlan) -> torch.Tensor:
         gradients = per_example_gradients(self.task, self.layers, examples, ids, plan)
         return self.projection.project(gradients)
+
+    def _train_features(self, examples: Any, ids: list[Any]) -> torch.Tensor:
+        return self._features(examples, ids, self.train_plan)
 
     def query_features(self, queries: Any) -> torch.Tensor:
         """`(Q, k)` projected measurement gradients of generated images (query i has id i), unconditional."""

@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -229,6 +229,29 @@ class GroundTruth(Artifact):
     def mean_measurements(self) -> torch.Tensor:
         """(S, Q): each subset's measurement averaged over training seeds."""
         return self.measurements.mean(dim=1)
+
+    def with_seeds(self, other: GroundTruth) -> GroundTruth:
+        """This ground truth with `other`'s training seeds added: the same subsets, queries and protocol
+        (other than the seeds), retrained with seeds this one does not have; measurements concatenated."""
+        if not torch.equal(self.subsets, other.subsets):
+            raise ValueError("The two ground truths retrained different subsets.")
+        if self.num_queries != other.num_queries or (
+            self.queries is not None and other.queries is not None and not torch.equal(self.queries, other.queries)
+        ):
+            raise ValueError("The two ground truths measured different queries.")
+        shared = set(self.protocol.seeds) & set(other.protocol.seeds)
+        if shared:
+            raise ValueError(f"Both ground truths were retrained with seeds {sorted(shared)}.")
+        if replace(self.protocol, seeds=()) != replace(other.protocol, seeds=()):
+            raise ValueError(
+                f"The two ground truths were made with different protocols: {self.protocol} and {other.protocol}."
+            )
+        return GroundTruth(
+            self.subsets,
+            torch.cat([self.measurements, other.measurements.to(self.measurements.dtype)], dim=1),
+            self.queries,
+            replace(self.protocol, seeds=(*self.protocol.seeds, *other.protocol.seeds)),
+        )
 
     # ------------------------------------------------------------------ files and the Hub (see Artifact)
 
