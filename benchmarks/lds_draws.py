@@ -40,7 +40,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--draws", type=int, nargs="+", default=[8, 16, 32, 64], help="K for every estimator")
     parser.add_argument("--estimators", nargs="+", default=ESTIMATORS)
     parser.add_argument(
-        "--long-draws", type=int, default=250, help="K for the plain estimator and the best one at 32 draws"
+        "--long-draws", type=int, default=250, help="K for the plain estimator and the best one at 32 draws (0: none)"
     )
     parser.add_argument("--baseline-draws", type=int, default=64, help="K of TRAK, D-TRAK and DAS")
     parser.add_argument("--summary-only", action="store_true", help="compute nothing; summarise the cache")
@@ -55,6 +55,13 @@ class ScoreCache:
         directory.mkdir(parents=True, exist_ok=True)
         timings = directory / "timings.json"
         self.seconds: dict[str, float] = json.loads(timings.read_text()) if timings.is_file() else {}
+
+    def cached(self, prefix: str) -> dict[str, torch.Tensor]:
+        """Every cached matrix whose key starts with `prefix`, by the rest of its key (from earlier runs too)."""
+        from safetensors.torch import load_file
+
+        files = sorted(self.directory.glob(f"{prefix}*.safetensors"))
+        return {path.stem[len(prefix) :].replace("_", "+"): load_file(str(path))["scores"] for path in files}
 
     def get(self, key: str, compute: Any) -> dict[str, torch.Tensor] | None:
         from safetensors.torch import load_file, save_file
@@ -236,10 +243,10 @@ def main() -> None:
             lambda method=method: baseline_scores(task, dataset, samples, method, args.baseline_draws),
         )
     results["pixel"] = pixel_similarity_scores(task, samples, dataset)
-    results["ekfac"] = {key: value for key, value in results["ekfac"].items() if value is not None}
+    results["ekfac"] = cache.cached("ekfac-")  # this run's and any earlier run's draw counts and estimators
     results["baselines"] = {key: value for key, value in results["baselines"].items() if value is not None}
     # The long run: plain, and the estimator that is best at 32 draws.
-    if "plain@32" in results["ekfac"]:
+    if "plain@32" in results["ekfac"] and args.long_draws:
         summary = summarise(results, ground_truth, args)
         at_32 = {name: rows["32"]["mean"] for name, rows in summary["lds_vs_draws"].items() if "32" in rows}
         for name in dict.fromkeys(["plain", max(at_32, key=at_32.get)]):

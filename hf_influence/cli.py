@@ -14,7 +14,9 @@ import argparse
 import dataclasses
 import inspect
 import json
+import os
 import re
+import sys
 import typing
 import warnings
 from collections.abc import Callable, Sequence
@@ -119,6 +121,14 @@ class DeprecatedAlias(argparse.Action):
         setattr(namespace, self.dest, values)
 
 
+def add_overwrite_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="write into --output-dir even when it holds something else (its files may be replaced)",
+    )
+
+
 def add_push_arguments(parser: argparse.ArgumentParser, what: str) -> None:
     parser.add_argument("--push-to-hub", metavar="REPO_ID", help=f"also upload the {what} to this Hub repo")
     parser.add_argument("--private", action="store_true", help="create the Hub repo as private")
@@ -161,6 +171,7 @@ def add_train_ddpm_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--streaming", action="store_true", help="stream the dataset instead of loading it")
     parser.add_argument("--output-dir", required=True, help="where the pipeline and checkpoints go")
     parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --output-dir")
+    add_overwrite_argument(parser)
     parser.add_argument("--dataset-revision", help="branch, tag or commit of a Hub dataset")
     add_push_arguments(parser, "pipeline (without the checkpoints)")
     add_config_options(parser, TrainConfig)
@@ -175,7 +186,7 @@ def run_train_ddpm(args: argparse.Namespace) -> None:
     config = config_from_args(args, TrainConfig)
     accelerator = Accelerator(mixed_precision=config.mixed_precision)
     dataset, _ = load_dataset(args)
-    train_ddpm(dataset, config, args.output_dir, accelerator=accelerator, resume=args.resume)
+    train_ddpm(dataset, config, args.output_dir, accelerator=accelerator, resume=args.resume, overwrite=args.overwrite)
     if accelerator.is_main_process:
         print(f"Saved the DDPMPipeline to {args.output_dir}")
         if args.push_to_hub:
@@ -198,6 +209,7 @@ def add_fit_factors_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint-dir", help="save each process's running sums here, to resume after a crash")
     parser.add_argument("--checkpoint-every", type=int, default=100, help="batches between checkpoints")
     parser.add_argument("--resume", action="store_true", help="continue the fit checkpointed in --checkpoint-dir")
+    add_overwrite_argument(parser)
     add_push_arguments(parser, "factors")
     add_config_options(parser, FactorConfig)
 
@@ -206,10 +218,13 @@ def run_fit_factors(args: argparse.Namespace) -> None:
     """Fit K-FAC / EK-FAC factors of the pipeline's denoiser on the training set and save them."""
     from accelerate import Accelerator
 
-    from .factors import FactorConfig
+    from .artifacts import check_output_folder
+    from .factors import FactorConfig, InfluenceFactors
     from .fitting import fit_factors
 
     config = config_from_args(args, FactorConfig)
+    # Before the fit: a folder that cannot take the factors is refused now, not after hours of fitting.
+    check_output_folder(Path(args.output_dir), InfluenceFactors.FORMAT, InfluenceFactors.DESCRIPTION, args.overwrite)
     accelerator = Accelerator()
     _, task = pipeline_from_args(args, accelerator.device)
     dataset, source = load_dataset(args)
@@ -224,7 +239,7 @@ def run_fit_factors(args: argparse.Namespace) -> None:
         dataset_source=source,
     )
     if accelerator.is_main_process:
-        factors.save_pretrained(args.output_dir)
+        factors.save_pretrained(args.output_dir, overwrite=args.overwrite)
         print(f"Saved {factors.strategy} factors of {len(factors.modules)} layers to {args.output_dir}")
         if args.push_to_hub:
             commit = factors.push_to_hub(args.push_to_hub, private=args.private or None)
@@ -240,6 +255,7 @@ def add_build_index_arguments(parser: argparse.ArgumentParser) -> None:
 
     add_data_arguments(parser)
     parser.add_argument("--output-dir", required=True, help="where the index shards are written (resumable)")
+    add_overwrite_argument(parser)
     add_push_arguments(parser, "index (a dataset repo)")
     add_config_options(parser, IndexConfig)
 
@@ -254,7 +270,9 @@ def run_build_index(args: argparse.Namespace) -> None:
     accelerator = Accelerator()
     _, task = pipeline_from_args(args, accelerator.device)
     dataset, source = load_dataset(args)
-    index = build_index(task, dataset, config, args.output_dir, accelerator=accelerator, dataset_source=source)
+    index = build_index(
+        task, dataset, config, args.output_dir, accelerator=accelerator, dataset_source=source, overwrite=args.overwrite
+    )
     if accelerator.is_main_process:
         print(f"Indexed {len(index)} examples in {args.output_dir}")
         if args.push_to_hub:
@@ -556,21 +574,62 @@ COMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Callable[[a
 }
 
 
+# What a wrong argument, value, file or folder raises: exit status 2, like argparse's own usage errors.
+# Anything else (a failure while running: out of memory, a broken download, a bug) exits with 1.
+USAGE_ERRORS = (ValueError, TypeError, LookupError, FileNotFoundError, FileExistsError, NotADirectoryError)
+DEBUG_VARIABLE = "HFI_DEBUG"
+
+
+def add_debug_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--debug",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help=f"show the full traceback of an error (or set {DEBUG_VARIABLE}=1)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The `hf-influence` parser: one subcommand per script in scripts/."""
     parser = argparse.ArgumentParser(
         prog="hf-influence", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
+    add_debug_option(parser)
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (add_arguments, run) in COMMANDS.items():
-        add_arguments(subparsers.add_parser(name, help=run.__doc__, description=run.__doc__))
+        subparser = subparsers.add_parser(name, help=run.__doc__, description=run.__doc__)
+        add_arguments(subparser)
+        add_debug_option(subparser)
     return parser
+
+
+def run_reporting_errors(run: Callable[[argparse.Namespace], None], args: argparse.Namespace) -> None:
+    """Run a subcommand; an error ends it with `error: <one line>` on stderr and exit status 2 (a usage error:
+    a wrong argument, value, file or folder) or 1 (a failure), and 130 on Ctrl-C — the traceback only with
+    `--debug` or `HFI_DEBUG=1`."""
+    debug = getattr(args, "debug", False) or os.environ.get(DEBUG_VARIABLE, "").lower() in ("1", "true", "yes")
+    try:
+        run(args)
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print("error: interrupted", file=sys.stderr)
+        raise SystemExit(130) from None
+    except Exception as error:  # every error gets its one line; --debug shows the traceback
+        if debug:
+            raise
+        message = " ".join(str(error).split()) or type(error).__name__
+        if isinstance(error, KeyError):  # str(KeyError) is the quoted key alone
+            message = f"missing {message}"
+        print(f"error: {message}", file=sys.stderr)
+        print(f"(run with --debug or {DEBUG_VARIABLE}=1 for the traceback)", file=sys.stderr)
+        raise SystemExit(2 if isinstance(error, USAGE_ERRORS) else 1) from None
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     """`hf-influence SUBCOMMAND ...`: one subcommand per script in scripts/."""
     args = build_parser().parse_args(argv)
-    COMMANDS[args.command][1](args)
+    run_reporting_errors(COMMANDS[args.command][1], args)
 
 
 def run_script(command: str, description: str | None, argv: Sequence[str] | None = None) -> None:
@@ -578,7 +637,8 @@ def run_script(command: str, description: str | None, argv: Sequence[str] | None
     add_arguments, run = COMMANDS[command]
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(parser)
-    run(parser.parse_args(argv))
+    add_debug_option(parser)
+    run_reporting_errors(run, parser.parse_args(argv))
 
 
 if __name__ == "__main__":

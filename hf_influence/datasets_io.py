@@ -16,6 +16,9 @@ def load_training_dataset(
     `revision` (a branch, tag or commit) applies to Hub datasets."""
     import datasets
 
+    from .hub import check_local_or_repo_id
+
+    check_local_or_repo_id(path_or_id, "dataset folder, parquet file or Hub dataset id")
     path = Path(path_or_id)
     if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():
         saved = datasets.load_from_disk(str(path))

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -162,7 +163,7 @@ def _digits_stage(demo: _Demo) -> Any:
         tqdm.write(f"[1/4] Digits: cached in {path}")
         return dataset
     tqdm.write(f"[1/4] Building {config.num_examples} demo digits at {config.resolution}×{config.resolution}")
-    demo.stages.start("digits", settings, path)
+    demo.stages.start("digits", settings, [path, path.with_name(path.name + ".partial")])
     return _build_digits(config, path)
 
 
@@ -179,7 +180,7 @@ def _ddpm_stage(demo: _Demo, dataset: Any) -> tuple[Any, Any]:
     else:
         tqdm.write(f"[2/4] Training the DDPM for {config.train_steps} steps → {path}")
         resume = demo.stages.matches("ddpm", settings) and (path / "checkpoints").is_dir()
-        demo.stages.start("ddpm", settings, path, keep=resume)
+        demo.stages.start("ddpm", settings, [path], keep=resume)
         train_ddpm(dataset, train_config, path, resume=resume)
         shutil.rmtree(path / "checkpoints", ignore_errors=True)
     return load_pipeline(path)
@@ -200,9 +201,7 @@ def _factors_stage(demo: _Demo, task: Any, dataset: Any) -> Any:
     tqdm.write(f"[3/4] Fitting EK-FAC factors ({config.factor_draws_per_example} draws per digit) → {path}")
     checkpoints = demo.cache / "factors-checkpoints"
     keep = demo.stages.matches("factors", settings)
-    demo.stages.start("factors", settings, path, keep=keep)
-    if not keep:
-        shutil.rmtree(checkpoints, ignore_errors=True)
+    demo.stages.start("factors", settings, [path, checkpoints], keep=keep)
     factors = fit_factors(task, dataset, factor_config, checkpoint_dir=checkpoints, resume=True)
     factors.save_pretrained(path)
     shutil.rmtree(checkpoints, ignore_errors=True)
@@ -225,7 +224,7 @@ def _index_stage(demo: _Demo, task: Any, dataset: Any) -> Any:
     )
     # Resume a partial build of the same settings; a finished but unreadable one is rebuilt.
     keep = demo.stages.matches("index", settings) and not (path / "config.json").exists()
-    demo.stages.start("index", settings, path, keep=keep)
+    demo.stages.start("index", settings, [path], keep=keep)
     return build_index(task, dataset, index_config, path)
 
 
@@ -287,10 +286,19 @@ class _StageRecords:
         record = self._read(stage)
         return None if record is None else record["settings"]
 
-    def start(self, stage: str, settings: dict[str, Any], artifact: Path, keep: bool = False) -> None:
-        """Record `settings` as in progress; without `keep`, drop the artifact's old folder first."""
+    def start(self, stage: str, settings: dict[str, Any], folders: Sequence[Path], keep: bool = False) -> None:
+        """Record `settings` as in progress; without `keep`, drop the stage's old folders first — only when
+        this cache's record says the demo made them: a folder it did not make is refused, never deleted."""
         if not keep:
-            shutil.rmtree(artifact, ignore_errors=True)
+            if self._read(stage) is None:
+                foreign = [str(folder) for folder in folders if folder.exists()]
+                if foreign:
+                    raise FileExistsError(
+                        f"{', '.join(foreign)} already exist(s) and the demo did not make them (no record in "
+                        f"{self.directory}): choose another --cache-dir, or move them away."
+                    )
+            for folder in folders:
+                shutil.rmtree(folder, ignore_errors=True)
         self._write(stage, {"settings": json.loads(json.dumps(settings))})
 
     def _write(self, stage: str, record: dict[str, Any]) -> None:
@@ -328,10 +336,8 @@ def _build_digits(config: DemoConfig, path: Path) -> Any:
     if config.resolution != 28:
         size = (config.resolution, config.resolution)
         digits = digits.map(lambda row: {"image": row["image"].resize(size, PIL.Image.BOX)}, desc="Scaling digits")
-    partial = path.with_name(path.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
+    partial = path.with_name(path.name + ".partial")  # both removed by the stage's start
     digits.save_to_disk(str(partial))
-    shutil.rmtree(path, ignore_errors=True)
     partial.rename(path)
     return datasets.load_from_disk(str(path))
 

@@ -106,6 +106,20 @@ class RepoFiles:
             ) from error
 
 
+def check_local_or_repo_id(path_or_repo_id: str | os.PathLike, what: str) -> None:
+    """Refuse, before any download, a name that can only be a local path but names nothing: "no such folder"
+    rather than the Hub client's repo-id rules. A name that exists, or could be a Hub id, passes."""
+    name = str(path_or_repo_id)
+    if Path(name).exists():
+        return
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        raise FileNotFoundError(
+            f"No such folder: {name} (the {what}; a Hub repo id looks like 'owner/name')."
+        ) from None
+
+
 def open_repo(
     path_or_repo_id: str | os.PathLike,
     repo_type: str,
@@ -126,12 +140,7 @@ def open_repo(
         return RepoFiles(str(local), repo_type, None, local_directory=local)
     if local.exists():
         raise NotADirectoryError(f"{local} is a file, not a saved folder or a Hub repo id.")
-    try:
-        validate_repo_id(str(path_or_repo_id))
-    except HFValidationError as error:
-        raise FileNotFoundError(
-            f"{path_or_repo_id} is not a local folder (no config.json there to load) and not a valid Hub repo id."
-        ) from error
+    check_local_or_repo_id(path_or_repo_id, f"saved {repo_type} folder or Hub repo")
     repo = RepoFiles(str(path_or_repo_id), repo_type, revision, None, token, cache_dir, local_files_only)
     config = Path(repo._download("config.json", revision))
     repo.revision = _cached_commit(config) or revision
@@ -147,6 +156,7 @@ def download_pipeline(
 
     if Path(path_or_repo_id).is_dir():
         return str(path_or_repo_id), ModelSource(str(path_or_repo_id), None)
+    check_local_or_repo_id(path_or_repo_id, "pipeline folder or Hub model repo")
     try:
         folder = snapshot_download(str(path_or_repo_id), revision=revision, token=token, library_name="hf_influence")
     except RepositoryNotFoundError as error:

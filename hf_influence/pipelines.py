@@ -43,6 +43,8 @@ def load_pipeline(
     from diffusers import DiffusionPipeline
 
     folder, source = download_pipeline(pipeline, revision)
+    if not (Path(folder) / "model_index.json").is_file():
+        raise FileNotFoundError(f"{pipeline} is not a diffusers pipeline: it has no model_index.json.")
     loaded = DiffusionPipeline.from_pretrained(folder, **(pipeline_kwargs or {}))
     if device is not None:
         loaded = loaded.to(device)

@@ -255,8 +255,12 @@ def train_ddpm(
     output_dir: str | Path = "ddpm",
     accelerator: Any = None,
     resume: bool = False,
+    overwrite: bool = False,
 ) -> Any:
     """Train a DDPM on `dataset`'s images and save the `DDPMPipeline` (EMA UNet + scheduler) to `output_dir`.
+
+    `output_dir` must be new or empty — or hold this function's checkpoints with `resume=True` — unless
+    `overwrite=True`: it is checked before training, so nothing a user had there is replaced by surprise.
 
     `dataset` is a `datasets` Dataset or IterableDataset (or any sequence of rows with the image
     column). With `resume=True` training continues from the latest checkpoint in
@@ -267,6 +271,7 @@ def train_ddpm(
     """
     config = config or TrainConfig()
     output_dir = Path(output_dir)
+    _check_output_dir(output_dir, resume, overwrite)
     checkpoints = output_dir / "checkpoints"
     accelerator = _accelerator_for(config, accelerator)
     latest = _checkpoint_to_resume(checkpoints, resume)
@@ -319,6 +324,20 @@ def _accelerator_for(config: TrainConfig, accelerator: Any) -> Any:
         )
     Ranks(accelerator)  # refuses a multi-process launch in which every rank would train alone
     return accelerator
+
+
+def _check_output_dir(output_dir: Path, resume: bool, overwrite: bool) -> None:
+    from .artifacts import describe_folder
+
+    if output_dir.exists() and not output_dir.is_dir():
+        raise NotADirectoryError(f"{output_dir} is a file, not a folder: choose a folder to save the pipeline in.")
+    contents = {path.name for path in output_dir.iterdir()} if output_dir.is_dir() else set()
+    if not contents or overwrite or (resume and "checkpoints" in contents):
+        return
+    raise FileExistsError(
+        f"{output_dir} already holds {describe_folder(output_dir)}; training would replace its files. Choose a new "
+        "or empty folder, pass resume=True (--resume) to continue its checkpoints, or overwrite=True (--overwrite)."
+    )
 
 
 def _checkpoint_to_resume(checkpoints: Path, resume: bool) -> Path | None:

@@ -148,3 +148,57 @@ def test_class_column_is_a_deprecated_alias_of_label_column() -> None:
         ["hf-influence", "attribute", "--class-column", "digit"], cwd=ROOT, env=ENV, capture_output=True, text=True
     )
     assert done.returncode == 2 and "FutureWarning: --class-column is deprecated; use --label-column" in done.stderr
+
+
+def failing(*command: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    done = subprocess.run(command, cwd=ROOT, env=env or ENV, capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0, f"{' '.join(command)} succeeded:\n{done.stdout}"
+    return done
+
+
+def snapshot(folder: Path) -> dict[Path, bytes]:
+    return {path: path.read_bytes() for path in folder.rglob("*") if path.is_file()}
+
+
+def test_errors_are_one_line_with_the_usage_exit_status(workspace: dict[str, Path], tmp_path: Path) -> None:
+    missing = failing("hf-influence", "fit-factors", "--pipeline", "./no-such-pipeline", "--dataset", "./none",
+                      "--output-dir", str(tmp_path / "factors"))  # fmt: skip
+    assert missing.returncode == 2 and "Traceback" not in missing.stderr
+    assert missing.stderr.splitlines()[0] == (
+        "error: No such folder: ./no-such-pipeline (the pipeline folder or Hub model repo; a Hub repo id looks "
+        "like 'owner/name')."
+    )
+    not_a_pipeline = failing("hf-influence", "build-index", "--pipeline", str(workspace["dataset"]), "--dataset",
+                             str(workspace["dataset"]), "--output-dir", str(tmp_path / "index"))  # fmt: skip
+    assert not_a_pipeline.returncode == 2 and "has no model_index.json" in not_a_pipeline.stderr
+    # --debug, or HFI_DEBUG=1, shows the traceback.
+    debug = failing("hf-influence", "fit-factors", "--pipeline", "./no-such-pipeline", "--dataset", "./none",
+                    "--output-dir", str(tmp_path / "factors"), "--debug")  # fmt: skip
+    assert "Traceback" in debug.stderr and "FileNotFoundError: No such folder" in debug.stderr
+    debug = failing("hf-influence", "fit-factors", "--pipeline", "./no-such-pipeline", "--dataset", "./none",
+                    "--output-dir", str(tmp_path / "factors"), env={**ENV, "HFI_DEBUG": "1"})  # fmt: skip
+    assert "Traceback" in debug.stderr
+
+
+def test_outputs_that_hold_something_else_are_refused_before_any_work(
+    workspace: dict[str, Path], tmp_path: Path
+) -> None:
+    data = ["--pipeline", str(workspace["pipeline"]), "--dataset", str(workspace["dataset"])]
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("mine")
+    done = failing("hf-influence", "fit-factors", *data, "--output-dir", str(a_file))
+    assert done.returncode == 2 and f"{a_file} is a file" in done.stderr and a_file.read_text() == "mine"
+    # The pipeline's own folder, an index where factors go, factors where an index goes, a pipeline for training.
+    cases = [
+        ("fit-factors", workspace["pipeline"], "a diffusers pipeline"),
+        ("fit-factors", workspace["index"], "hf_influence.index"),
+        ("build-index", workspace["factors"], "hf_influence.factors"),
+        ("train-ddpm", workspace["pipeline"], "a diffusers pipeline"),
+    ]
+    for command, folder, holds in cases:
+        before = snapshot(folder)
+        arguments = [str(workspace["dataset"])] if command == "train-ddpm" else data
+        done = failing("hf-influence", command, *arguments, "--output-dir", str(folder))
+        assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+        assert f"{folder} already holds" in done.stderr and holds in done.stderr and "--overwrite" in done.stderr
+        assert snapshot(folder) == before

@@ -3,6 +3,7 @@ from the cache, and a changed setting or a damaged artifact redoes that stage an
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -83,6 +84,42 @@ def test_demo_config_refuses_bad_settings():
         DemoConfig(num_examples=6000)
     with pytest.raises(ValueError, match="resolution must be between 4 and 28"):
         DemoConfig(resolution=64)
+
+
+# The folders the demo makes, in order, and the stage whose record says the demo made them.
+OWN_FOLDERS = {
+    "digits": "digits",
+    "ddpm": "ddpm",
+    "factors": "factors",
+    "factors-checkpoints": "factors",
+    "index": "index",
+}
+
+
+@pytest.fixture(scope="module")
+def built_cache(tmp_path_factory) -> Path:
+    cache = tmp_path_factory.mktemp("demo") / "cache"
+    prepare_demo(DemoConfig(**TINY), cache)
+    return cache
+
+
+@pytest.mark.parametrize("folder", list(OWN_FOLDERS))
+def test_demo_never_deletes_folders_it_did_not_make(built_cache, tmp_path, folder):
+    """The user's own folder where the demo would make one (the README's CLI walkthrough makes such
+    folders): refused by name, and every file in the cache is byte-identical afterwards."""
+    cache = tmp_path / "cache"
+    shutil.copytree(built_cache, cache)
+    later = list(OWN_FOLDERS)[list(OWN_FOLDERS).index(folder) :]
+    for name in later:  # the demo made the folders before this one (recorded); the rest are not its own
+        shutil.rmtree(cache / name, ignore_errors=True)
+        (cache / "stages" / f"{OWN_FOLDERS[name]}.json").unlink(missing_ok=True)
+    mine = cache / folder / "model_index.json"
+    mine.parent.mkdir(parents=True)
+    mine.write_text("my own pipeline")
+    before = {path: path.read_bytes() for path in cache.rglob("*") if path.is_file()}
+    with pytest.raises(FileExistsError, match=f"{folder} already exist.*the demo did not make"):
+        prepare_demo(DemoConfig(**TINY), cache)
+    assert {path: path.read_bytes() for path in cache.rglob("*") if path.is_file()} == before
 
 
 def test_interrupted_training_resumes_to_the_uninterrupted_model(tmp_path, monkeypatch):

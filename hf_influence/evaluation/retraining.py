@@ -67,7 +67,8 @@ def train_model(dataset: Any, config: TrainConfig, model: RetrainedModel) -> Non
     record = json.dumps(model.record())
     atomic_write_text(path / RETRAINING_FILE, record)
     resume = any((path / "checkpoints").glob("checkpoint-*"))
-    train_ddpm(dataset.select(list(model.kept)), replace(config, seed=model.seed), path, resume=resume)
+    kept = dataset.select(list(model.kept))
+    train_ddpm(kept, replace(config, seed=model.seed), path, resume=resume, overwrite=True)  # its own folder
     shutil.rmtree(path / "checkpoints", ignore_errors=True)  # the saved pipeline is all later steps need
 
 

@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from ..artifacts import CONFIG_NAME, ArtifactFiles, FileRecord, check_output_folder
+from ..artifacts import ArtifactFiles, FileRecord, check_output_folder, describe_folder
 from ..compression import Compressor, make_compressor
 from ..curvature.layers import find_layers, layer_kind
 from ..data import check_dataset
@@ -170,7 +170,8 @@ def _prepare_build(directory: Path, metadata: IndexMetadata, world: int, overwri
     if record.exists():
         record.check()
         return
-    if (directory / CONFIG_NAME).is_file() and not overwrite:
+    finished = directory.is_dir() and describe_folder(directory) == f"an hf_influence artifact ({GradientIndex.FORMAT})"
+    if finished and not overwrite:
         raise FileExistsError(
             f"{directory} already holds a finished index; choose another output_dir, or pass overwrite=True "
             "(--overwrite) to build a new one there."
