@@ -7,7 +7,9 @@ and its 5000-digit index, and the time of `hf-influence demo` to a served app.
 
 Click latency is measured twice: through the HTTP API (`gradio_client`: request sent → outputs
 received) and in headless Chromium (click on Generate → the proponents' captions change on the page).
-Each request generates a new image (DDIM, 50 steps) and attributes it against all 5000 digits.
+Each request generates a new image (DDIM, 50 steps) and attributes it against all 5000 digits. Under load,
+--users clients send 4 requests each at once (every third invalid): p50 / p95 of the answered ones, queueing
+included.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from gradio_client import Client
@@ -76,6 +79,41 @@ def api_latency(port: int, seeds: range, steps: int, top_k: int) -> dict:
     return {"first_s": seconds[0], **summary(seconds[1:])}
 
 
+def load_latency(port: int, users: int, requests_per_user: int, steps: int, top_k: int) -> dict:
+    """`users` clients at once, each sending `requests_per_user` generate requests back to back (every third
+    one invalid, damping −1): the seconds from sending to the answer of each valid request, queueing included,
+    and whether every invalid one got its error without breaking the next."""
+
+    def user(number: int) -> tuple[list[float], int]:
+        client = Client(f"http://127.0.0.1:{port}/", verbose=False)
+        seconds, refused = [], 0
+        for request in range(requests_per_user):
+            damping = -1.0 if request % 3 == 1 else 1e-8
+            start = time.perf_counter()
+            try:
+                client.predict(
+                    10_000 + number * 100 + request, steps, None, "", "loss", damping, top_k, api_name="/generate"
+                )
+            except Exception:
+                refused += damping < 0
+                continue
+            seconds.append(time.perf_counter() - start)
+        return seconds, refused
+
+    with ThreadPoolExecutor(max_workers=users) as pool:
+        answers = list(pool.map(user, range(users)))
+    seconds = sorted(value for values, _ in answers for value in values)
+    invalid = users * sum(request % 3 == 1 for request in range(requests_per_user))
+    return {
+        "users": users,
+        "valid_requests_answered": len(seconds),
+        "invalid_requests_refused": f"{sum(refused for _, refused in answers)} of {invalid}",
+        "p50_s": statistics.median(seconds),
+        "p95_s": seconds[min(len(seconds) - 1, int(0.95 * len(seconds)))],
+        "max_s": seconds[-1],
+    }
+
+
 def browser_latency(port: int, seeds: range, screenshot: Path | None) -> dict:
     from playwright.sync_api import sync_playwright
 
@@ -112,6 +150,7 @@ def main() -> None:
     parser.add_argument("--cache-dir", default=DEFAULT_CACHE_DIR, help="the demo's cache (built if missing)")
     parser.add_argument("--cold", action="store_true", help="also time a first run in a fresh cache folder")
     parser.add_argument("--requests", type=int, default=11, help="clicks per measurement (the first is warm-up)")
+    parser.add_argument("--users", type=int, default=8, help="concurrent users of the load measurement")
     parser.add_argument("--screenshot", default=None, help="save a PNG of the page after the browser clicks")
     parser.add_argument("--out", default="benchmarks/results/space_latency.json")
     args = parser.parse_args()
@@ -132,6 +171,7 @@ def main() -> None:
     try:
         seeds = range(args.requests)
         results["api_click_to_attribution"] = api_latency(port, seeds, 50, config.top_k)
+        results["api_under_load"] = load_latency(port, args.users, 4, 50, config.top_k)
         browser_seeds = range(1000, 1000 + args.requests)
         screenshot = Path(args.screenshot) if args.screenshot else None
         results["browser_click_to_gallery"] = browser_latency(port, browser_seeds, screenshot)

@@ -10,7 +10,9 @@ import subprocess
 import sys
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -132,6 +134,35 @@ def test_concurrent_requests_are_queued_and_each_is_right(server, direct):
         check_view(job.result(timeout=120), image, attributor, dataset)
 
 
+def test_eight_concurrent_users_all_get_answers_and_a_failure_breaks_nothing(server, direct):
+    """8 users at once (each its own client), each sending a good request, a bad one, then a good one: every
+    good request is answered rightly once the queue reaches it, every bad one gets its message."""
+    pipeline, attributor, dataset = direct
+    url = server[0].src
+
+    def user(seed: int) -> tuple[Any, str, Any]:
+        client = Client(url, verbose=False)
+        first = client.predict(seed, 2, None, "", "loss", 1e-8, 2, api_name="/generate")
+        try:
+            client.predict(seed, 2, None, "", "loss", -1.0, 2, api_name="/generate")
+            refusal = ""
+        except Exception as error:  # gradio_client's AppError carries the app's message
+            refusal = str(error)
+        return first, refusal, client.predict(seed + 100, 2, None, "", "loss", 1e-8, 2, api_name="/generate")
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        answers = dict(zip(range(8), pool.map(user, range(8)), strict=True))
+    for seed, (first, refusal, after) in answers.items():
+        assert "damping" in refusal.lower(), refusal
+        for request_seed, outputs in ((seed, first), (seed + 100, after)):
+            if request_seed in (0, 107):  # two of the 16 answers checked against the library in full
+                generator = torch.Generator().manual_seed(request_seed)
+                image = pipeline(batch_size=1, generator=generator, num_inference_steps=2, output_type="pil").images[0]
+                check_view(outputs, image, attributor, dataset, top_k=2)
+            else:
+                assert outputs[0] is not None
+
+
 def bad_files(directory):
     (directory / "notes.txt").write_text("not an image")
     (directory / "fake.png").write_bytes(b"\x89PNG\r\n\x1a\n but then nothing")
@@ -237,6 +268,18 @@ def test_config_from_environment():
         config_from_environment({"HFI_PIPELINE": "p"})
     with pytest.raises(ValueError, match="HFI_TOP_K='many' is not a valid int"):
         config_from_environment({**names, "HFI_TOP_K": "many"})
+    # Every variable is checked when the Space starts, named as the Space's settings name it.
+    refused = {
+        "HFI_DAMPING": ("nan", "HFI_DAMPING must be a finite number ≥ 0, got nan"),
+        "HFI_TOP_K": ("0", "HFI_TOP_K must be a whole number between 1 and 32, got 0"),
+        "HFI_DRAWS_PER_QUERY": ("-2", "HFI_DRAWS_PER_QUERY must be a whole number ≥ 1"),
+        "HFI_MEASUREMENT": ("elbo", "HFI_MEASUREMENT must be one of"),
+        "HFI_TOPK": ("3", "Unknown setting.s. HFI_TOPK: the explorer reads .*HFI_TOP_K"),
+    }
+    for variable, (value, message) in refused.items():
+        with pytest.raises(ValueError, match=message):
+            config_from_environment({**names, variable: value})
+    assert config_from_environment({**names, "HFI_DEBUG": "1", "HFI_DEMO_CACHE": "/data"}).pipeline == "p"
 
 
 def test_class_conditional_pipeline_generates_and_attributes_with_its_label(tmp_path):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -14,9 +15,12 @@ from ..attribution import DEFAULT_DAMPING
 from ..deprecation import renamed_fields
 from ..generation import SAMPLERS
 from ..measurements import MEASUREMENTS
+from ..validation import check_choice, check_float, check_int
 
 ENVIRONMENT_PREFIX = "HFI_"
 ARTIFACTS = ("pipeline", "factors", "index", "dataset")
+# HFI_ variables read elsewhere: the CLI's tracebacks, the Space's demo cache.
+OTHER_VARIABLES = ("DEBUG", "DEMO_CACHE")
 
 
 @renamed_fields(num_query_draws="draws_per_query")
@@ -85,25 +89,22 @@ class ExplorerConfig:
     title: str = "Influence Explorer"
 
     def __post_init__(self) -> None:
-        if self.measurement not in MEASUREMENTS:
-            raise ValueError(
-                f"ExplorerConfig.measurement must be one of {sorted(MEASUREMENTS)}, got {self.measurement!r}."
-            )
-        if self.conditioning not in (None, "labels", "prompts"):
-            raise ValueError(
-                f"ExplorerConfig.conditioning must be None, 'labels' or 'prompts', got {self.conditioning!r}."
-            )
-        if self.sampler not in SAMPLERS:
-            raise ValueError(f"ExplorerConfig.sampler must be one of {SAMPLERS}, got {self.sampler!r}.")
-        if not 1 <= self.top_k <= self.max_top_k:
-            raise ValueError(f"top_k must be between 1 and max_top_k={self.max_top_k}, got {self.top_k}.")
-        if not 1 <= self.num_inference_steps <= self.max_inference_steps:
-            raise ValueError(
-                f"num_inference_steps must be between 1 and max_inference_steps={self.max_inference_steps}, "
-                f"got {self.num_inference_steps}."
-            )
-        if self.damping < 0 or min(self.max_upload_bytes, self.max_upload_side, self.concurrency_limit) < 1:
-            raise ValueError("damping cannot be negative; upload limits and concurrency_limit must be positive.")
+        check_choice("ExplorerConfig.measurement", self.measurement, sorted(MEASUREMENTS))
+        check_choice("ExplorerConfig.conditioning", self.conditioning, (None, "labels", "prompts"))
+        check_choice("ExplorerConfig.sampler", self.sampler, SAMPLERS)
+        for name in ("max_top_k", "max_inference_steps", "max_upload_bytes", "max_upload_side", "display_size"):
+            setattr(self, name, check_int(f"ExplorerConfig.{name}", getattr(self, name), minimum=1))
+        self.concurrency_limit = check_int("ExplorerConfig.concurrency_limit", self.concurrency_limit, minimum=1)
+        self.top_k = check_int("ExplorerConfig.top_k", self.top_k, minimum=1, maximum=self.max_top_k)
+        self.num_inference_steps = check_int(
+            "ExplorerConfig.num_inference_steps", self.num_inference_steps, minimum=1, maximum=self.max_inference_steps
+        )
+        self.query_seed = check_int("ExplorerConfig.query_seed", self.query_seed)
+        if self.draws_per_query is not None:
+            self.draws_per_query = check_int("ExplorerConfig.draws_per_query", self.draws_per_query, minimum=1)
+        self.damping = check_float("ExplorerConfig.damping", self.damping, minimum=0)
+        if self.guidance_scale is not None:
+            self.guidance_scale = check_float("ExplorerConfig.guidance_scale", self.guidance_scale, minimum=0)
 
     def condition_columns(self) -> dict[str, str]:
         """The `load_pipeline` column argument of the task's conditioning: the label or the caption column."""
@@ -123,6 +124,12 @@ def config_from_environment(
     hints = typing.get_type_hints(ExplorerConfig)
     names = {config_field.name: config_field.name for config_field in dataclasses.fields(ExplorerConfig)}
     names |= ExplorerConfig.RENAMED_FIELDS  # the old variable names still work (the config warns)
+    known = {prefix + variable.upper() for variable in names} | {prefix + name for name in OTHER_VARIABLES}
+    unknown = sorted(variable for variable in environ if variable.startswith(prefix) and variable not in known)
+    if unknown:
+        raise ValueError(
+            f"Unknown setting(s) {', '.join(unknown)}: the explorer reads {', '.join(sorted(known))} (a typo?)."
+        )
     values: dict[str, Any] = {}
     for variable, name in names.items():
         raw = environ.get(prefix + variable.upper())
@@ -141,4 +148,8 @@ def config_from_environment(
             f"Set all of {', '.join(prefix + name.upper() for name in ARTIFACTS)}; missing: "
             f"{', '.join(prefix + name.upper() for name in missing)}."
         )
-    return ExplorerConfig(**values)
+    try:
+        return ExplorerConfig(**values)
+    except (TypeError, ValueError) as error:  # name the variable, not the field
+        message = re.sub(r"ExplorerConfig\.(\w+)", lambda match: prefix + match.group(1).upper(), str(error))
+        raise ValueError(message) from None
