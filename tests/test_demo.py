@@ -147,3 +147,21 @@ def test_interrupted_training_resumes_to_the_uninterrupted_model(tmp_path, monke
     for name, value in resumed.task.denoiser.state_dict().items():
         torch.testing.assert_close(value, reference[name], rtol=0, atol=0)
     assert not checkpoints.exists()
+
+
+@pytest.mark.parametrize(("cpus", "threads", "expected"), [(2, None, 1), (16, None, 4), (2, 3, 3)])
+def test_the_demo_chooses_its_threads_and_gives_them_back(tmp_path, monkeypatch, cpus, threads, expected):
+    import hf_influence.demo as demo
+
+    seen = []
+
+    def digits_stage(_demo):
+        seen.append(torch.get_num_threads())
+        raise KeyboardInterrupt  # stop the build here
+
+    monkeypatch.setattr(demo.os, "cpu_count", lambda: cpus)
+    monkeypatch.setattr(demo, "_digits_stage", digits_stage)
+    before = torch.get_num_threads()
+    with pytest.raises(KeyboardInterrupt):
+        prepare_demo(DemoConfig(**TINY, threads=threads), tmp_path)
+    assert seen == [expected] and torch.get_num_threads() == before
