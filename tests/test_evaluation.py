@@ -203,3 +203,26 @@ def test_ground_truth_files_and_hub(tmp_path, hub):
     (tmp_path / "gt" / "config.json").write_text('{"format": "something else"}')
     with pytest.raises(ValueError, match=r"not 'hf_influence\.ground_truth'"):
         GroundTruth.from_pretrained(tmp_path / "gt")
+
+
+def test_with_seeds_adds_retraining_seeds_to_a_ground_truth():
+    toy = LinearToy()
+    subsets = random_subsets(len(toy.x), count=10, seed=0)
+    noisy = toy.ground_truth(subsets, seeds=2, noise=0.1)
+    first = GroundTruth(subsets, noisy.measurements, None, GroundTruthProtocol(alpha=0.5, seeds=(0, 1)))
+    second = GroundTruth(subsets, first.measurements + 1, None, GroundTruthProtocol(alpha=0.5, seeds=(2, 3)))
+    merged = first.with_seeds(second)
+    assert merged.protocol.seeds == (0, 1, 2, 3) and merged.num_seeds == 4
+    torch.testing.assert_close(merged.measurements[:, 2:], first.measurements + 1)
+    torch.testing.assert_close(merged.measurements[:, :2], first.measurements)
+    with pytest.raises(ValueError, match=r"Both ground truths were retrained with seeds \[0, 1\]"):
+        first.with_seeds(first)
+    other_subsets = random_subsets(len(toy.x), count=10, seed=1)
+    with pytest.raises(ValueError, match="different subsets"):
+        first.with_seeds(GroundTruth(other_subsets, second.measurements, None, second.protocol))
+    with pytest.raises(ValueError, match="different protocols"):
+        first.with_seeds(
+            GroundTruth(
+                subsets, second.measurements, None, GroundTruthProtocol(alpha=0.5, seeds=(2,), draws_per_query=8)
+            )
+        )

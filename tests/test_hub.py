@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import uuid
 from dataclasses import replace
 from pathlib import Path
@@ -212,3 +214,49 @@ def test_train_ddpm_pushes_the_pipeline_without_checkpoints(hub, on_hub, tmp_pat
     pushed = DiffusionPipeline.from_pretrained(repo)
     local = DiffusionPipeline.from_pretrained(tmp_path)
     torch.testing.assert_close(pushed.unet.state_dict(), local.unet.state_dict(), rtol=0, atol=0)
+
+
+def test_ground_truth_repo_with_its_models_and_the_lds_command(hub, tmp_path):
+    """The benchmark as a Hub dataset repo: the ground truth and its retrained models pushed, loaded back by
+    repo id, and `hf-influence lds --ground-truth REPO --scores FILE` scoring a matrix in one line."""
+    from safetensors.torch import save_file
+
+    from hf_influence.evaluation import GroundTruth, GroundTruthProtocol, lds, random_subsets
+
+    generator = torch.Generator().manual_seed(0)
+    subsets = random_subsets(20, alpha=0.5, count=6, seed=0)
+    protocol = GroundTruthProtocol(alpha=0.5, seeds=(0, 1), draws_per_query=16, subset_seed=0, dataset="20 digits")
+    measurements = torch.randn(6, 2, 3, generator=generator, dtype=torch.float64)
+    ground_truth = GroundTruth(subsets, measurements, torch.rand(3, 1, 8, 8) * 2 - 1, protocol)
+    pipeline = DDPMPipeline(unet=tiny_unet(), scheduler=DDPMScheduler(num_train_timesteps=100))
+    for k in range(6):
+        for seed in (0, 1):
+            pipeline.save_pretrained(tmp_path / "models" / f"subset-{k:04d}" / f"seed-{seed}")
+    (tmp_path / "models" / "subset-0000" / "seed-0" / "checkpoints").mkdir()
+    (tmp_path / "models" / "subset-0000" / "seed-0" / "checkpoints" / "state.bin").write_bytes(b"left out")
+
+    repo = repo_name("lds")
+    ground_truth.push_to_hub(repo, token=hub.token)
+    ground_truth.push_models_to_hub(repo, tmp_path / "models", token=hub.token)
+    files = set(hub.api.list_repo_files(repo, repo_type="dataset"))
+    assert "models/subset-0005/seed-1/unet/diffusion_pytorch_model.safetensors" in files
+    assert not any("checkpoints" in name for name in files)
+    card = Path(hub.api.hf_hub_download(repo, "README.md", repo_type="dataset")).read_text()
+    assert "| training seeds per subset | 2: 0, 1 |" in card and f"--ground-truth {repo}" in card
+
+    loaded = GroundTruth.from_pretrained(repo)
+    assert torch.equal(loaded.subsets, subsets) and torch.equal(loaded.measurements, measurements)
+    assert loaded.protocol == protocol
+    scores = torch.randn(3, 20, generator=generator)
+    save_file({"mine": scores}, str(tmp_path / "scores.safetensors"))
+    done = subprocess.run(
+        ["hf-influence", "lds", "--ground-truth", repo, "--scores", str(tmp_path / "scores.safetensors"),
+         "--output", str(tmp_path / "lds.json")],
+        capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert json.loads((tmp_path / "lds.json").read_text())["mine"]["mean"] == pytest.approx(
+        lds(scores, ground_truth).mean, abs=1e-12
+    )
+    with pytest.raises(FileNotFoundError, match="lacks the retrained pipelines"):
+        ground_truth.push_models_to_hub(repo, tmp_path / "nothing", token=hub.token)

@@ -267,7 +267,37 @@ class GroundTruth(Artifact):
         tensors = read_safetensors(files.path(TENSORS_NAME))
         return cls(tensors["subsets"].to(torch.bool), tensors["measurements"], tensors.get("queries"), metadata)
 
+    def push_models_to_hub(
+        self, repo_id: str, models_dir: str | Path, token: str | bool | None = None, revision: str | None = None
+    ) -> Any:
+        """Upload the retrained models (`models_dir/subset-KKKK/seed-R/`, as `retrain_subsets` writes them; their
+        checkpoints left out) to `models/` of the ground truth's dataset repo, so anyone can re-measure them
+        with another measurement. Returns the `CommitInfo`."""
+        from huggingface_hub import HfApi
+
+        models_dir = Path(models_dir)
+        expected = [f"subset-{k:04d}/seed-{seed}" for k in range(self.num_subsets) for seed in self.protocol.seeds]
+        missing = [name for name in expected if not (models_dir / name / "model_index.json").is_file()]
+        if missing:
+            raise FileNotFoundError(f"{models_dir} lacks the retrained pipelines {missing[:3]} (of {len(missing)}).")
+        api = HfApi(token=token)
+        api.create_repo(repo_id, repo_type=self.REPO_TYPE, exist_ok=True)
+        return api.upload_folder(
+            repo_id=repo_id,
+            repo_type=self.REPO_TYPE,
+            folder_path=str(models_dir),
+            path_in_repo="models",
+            revision=revision,
+            allow_patterns=[f"{name}/*" for name in expected] + [f"{name}/**/*" for name in expected],
+            ignore_patterns=["**/checkpoints/**"],
+            commit_message="Upload the retrained models with hf_influence",
+        )
+
     def _card(self, metadata: GroundTruthProtocol, repo_id: str | None) -> str:
+        repo = repo_id or "REPO_ID"
+        seeds = ", ".join(str(seed) for seed in metadata.seeds) or "unrecorded"
+        timestep = "" if metadata.measurement_timestep is None else f" at t = {metadata.measurement_timestep}"
+        steps = metadata.train_config.get("max_steps")
         return (
             "---\ntags:\n- hf_influence\n- data-attribution\n- linear-datamodelling-score\n---\n\n"
             "# LDS ground truth\n\n"
@@ -276,11 +306,28 @@ class GroundTruth(Artifact):
             f"generated queries on every retrained model ({metadata.draws_per_query} common (t, ε) draws per "
             f"query). Training set: {self.num_examples} examples"
             + (f" ({metadata.dataset})" if metadata.dataset else "")
-            + ".\n\n"
-            "Evaluate a `[queries, train examples]` score matrix (positive = removing the example is predicted "
-            "to increase the measurement):\n\n"
+            + ".\n\n## Protocol\n\n"
+            "| | |\n|---|---|\n"
+            f"| subsets | {self.num_subsets}, each keeping a fraction α = {metadata.alpha} of the training set "
+            f"(`random_subsets`, seed {metadata.subset_seed}) |\n"
+            f"| training seeds per subset | {self.num_seeds}: {seeds} |\n"
+            f"| retraining | `train_ddpm` with the `train_config` of config.json"
+            + (f" ({steps} steps)" if steps else "")
+            + " |\n"
+            f"| measurement | `{metadata.measurement}`{timestep} of each query, {metadata.draws_per_query} draws "
+            f"seeded by ({metadata.draw_seed}, the query's index): the same draws on every model |\n"
+            f"| queries | {self.num_queries} images in [-1, 1], stored beside the measurements |\n"
+            "| LDS | Spearman over subsets between a method's summed scores of the removed examples and the "
+            "seed-averaged measurement, averaged over queries |\n\n"
+            "Retrained models, when uploaded (`GroundTruth.push_models_to_hub`), are under "
+            "`models/subset-KKKK/seed-R/` as diffusers pipelines.\n\n"
+            "## Submit a number\n\n"
+            "Score every query against every training example (a `[queries, train examples]` matrix; positive = "
+            "removing the example is predicted to increase the measurement), save it with safetensors, and run\n\n"
+            f"```bash\nhf-influence lds --ground-truth {repo} --scores scores.safetensors\n```\n\n"
+            "or in Python:\n\n"
             "```python\nfrom hf_influence.evaluation import GroundTruth, lds\n\n"
-            f"ground_truth = GroundTruth.from_pretrained({(repo_id or 'REPO_ID')!r})\n"
+            f"ground_truth = GroundTruth.from_pretrained({repo!r})\n"
             "result = lds(scores, ground_truth)   # result.mean, result.stderr, result.per_query\n```\n"
         )
 
