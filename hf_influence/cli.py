@@ -104,6 +104,19 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
         default=0.0,
         help="rate at which training dropped captions/classes for classifier-free guidance (default: 0)",
     )
+    from .timestep_densities import DENSITIES, LOSS_WEIGHTINGS
+
+    family = parser.add_argument_group("pipeline family options (docs/adding_a_pipeline.md)")
+    family.add_argument("--resolution", type=int, help="training images' side in pixels (default: the denoiser's)")
+    family.add_argument(
+        "--timestep-density", choices=DENSITIES, help="how training drew timesteps (default: the family's own)"
+    )
+    family.add_argument("--loss-weighting", choices=LOSS_WEIGHTINGS, default="none", help="training's loss weighting")
+    family.add_argument("--original-size-column", help="SDXL: column of each image's original (height, width)")
+    family.add_argument("--crop-column", help="SDXL: column of each image's crop (top, left)")
+    family.add_argument(
+        "--guidance-embedding", type=float, help="Flux.1-dev: the guidance value its denoiser is given (default: the pipeline's)"
+    )
 
 
 class DeprecatedAlias(argparse.Action):
@@ -138,6 +151,9 @@ def pipeline_from_args(args: argparse.Namespace, device: Any) -> tuple[Any, Any]
     """The `--pipeline` on `device` and its DiffusionTask (see `pipelines.load_pipeline`)."""
     from .pipelines import load_pipeline
 
+    options = {"original_size_column": args.original_size_column, "crop_column": args.crop_column}
+    if args.guidance_embedding is not None:
+        options["guidance_scale"] = args.guidance_embedding
     return load_pipeline(
         args.pipeline,
         args.pipeline_revision,
@@ -147,6 +163,10 @@ def pipeline_from_args(args: argparse.Namespace, device: Any) -> tuple[Any, Any]
         label_column=args.label_column,
         caption_column=args.caption_column,
         condition_dropout=args.condition_dropout,
+        resolution=args.resolution,
+        timestep_density=args.timestep_density,
+        loss_weighting=args.loss_weighting,
+        conditioning_options={name: value for name, value in options.items() if value is not None},
     )
 
 

@@ -32,13 +32,18 @@ def load_pipeline(
     caption_column: str | None = None,
     condition_dropout: float = 0.0,
     pipeline_kwargs: dict[str, Any] | None = None,
+    resolution: int | None = None,
+    timestep_density: str | None = None,
+    loss_weighting: str = "none",
+    conditioning_options: dict[str, Any] | None = None,
 ) -> tuple[Any, DiffusionTask]:
     """The pipeline (a folder or Hub id, at `revision`, moved to `device` when given) and its task.
 
     `image_column` and `random_flip` default to what training recorded (see the module); `label_column`
     (class-conditional pipelines), `caption_column` (text-to-image) and `condition_dropout` go to
-    `DiffusionTask.from_pipeline`; `pipeline_kwargs` to `DiffusionPipeline.from_pretrained` (e.g.
-    `text_encoder_3=None, tokenizer_3=None` to leave SD3's T5 out).
+    `DiffusionTask.from_pipeline`, with `resolution`, `timestep_density` (None: the family's training density),
+    `loss_weighting` and the family's `conditioning_options`; `pipeline_kwargs` to
+    `DiffusionPipeline.from_pretrained` (e.g. `text_encoder_3=None, tokenizer_3=None` to leave SD3's T5 out).
     """
     from diffusers import DiffusionPipeline
 
@@ -57,6 +62,10 @@ def load_pipeline(
         caption_column=caption_column,
         condition_dropout=condition_dropout,
         source=source,
+        resolution=resolution,
+        timestep_density=timestep_density,
+        loss_weighting=loss_weighting,
+        conditioning_options=conditioning_options,
     )
     return loaded, task
 
