@@ -41,7 +41,10 @@ def add_config_options(parser: argparse.ArgumentParser, config_class: type) -> N
     group = parser.add_argument_group(f"{config_class.__name__} fields")
     for field in dataclasses.fields(config_class):
         described = helps.get(field.name, f"see {config_class.__name__}.{field.name}")
-        kwargs = {"default": field.default, "help": f"{described} (default: {field.default})"}
+        if field.default is dataclasses.MISSING:  # a field without a default is a required option
+            kwargs = {"required": True, "help": described}
+        else:
+            kwargs = {"default": field.default, "help": f"{described} (default: {field.default})"}
         group.add_argument(_option(field.name), **kwargs, **_typed(hints[field.name]))
     for old, new in getattr(config_class, "RENAMED_FIELDS", {}).items():
         alias = {"dest": new, "action": DeprecatedAlias, "replacement": _option(new)}
@@ -115,7 +118,9 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
     family.add_argument("--original-size-column", help="SDXL: column of each image's original (height, width)")
     family.add_argument("--crop-column", help="SDXL: column of each image's crop (top, left)")
     family.add_argument(
-        "--guidance-embedding", type=float, help="Flux.1-dev: the guidance value its denoiser is given (default: the pipeline's)"
+        "--guidance-embedding",
+        type=float,
+        help="Flux.1-dev: the guidance value its denoiser is given (default: the pipeline's)",
     )
 
 
@@ -581,6 +586,34 @@ def run_plan(args: argparse.Namespace) -> None:
         print(f"Fits in {args.memory_gb:g} GB of device memory.")
 
 
+# ---------------------------------------------------------------------------- space
+
+
+def add_space_arguments(parser: argparse.ArgumentParser) -> None:
+    from .explorer import ExplorerConfig
+
+    target = parser.add_mutually_exclusive_group(required=True)
+    target.add_argument("--push-to-hub", metavar="REPO_ID", help="deploy to this Space repo (created if needed)")
+    target.add_argument("--output-dir", help="only assemble the Space in this folder (to inspect or push later)")
+    parser.add_argument("--private", action="store_true", help="create the Space as private")
+    add_overwrite_argument(parser)
+    add_config_options(parser, ExplorerConfig)
+
+
+def run_space(args: argparse.Namespace) -> None:
+    """Deploy the Influence Explorer on your pipeline, factors, index and dataset as a Hugging Face Space: the
+    app, its card, requirements, the hf_influence package and the settings, in one commit."""
+    from .explorer import ExplorerConfig
+    from .explorer.deploy import assemble_space, push_space
+
+    config = config_from_args(args, ExplorerConfig)
+    if args.output_dir:
+        print(f"Assembled the Space in {assemble_space(args.output_dir, config, overwrite=args.overwrite)}")
+        return
+    commit = push_space(args.push_to_hub, config, private=args.private or None)
+    print(f"Deployed the Space: {commit.commit_url}")
+
+
 # ---------------------------------------------------------------------------- entry points
 
 COMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], None]]] = {
@@ -591,6 +624,7 @@ COMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Callable[[a
     "lds": (add_lds_arguments, run_lds),
     "demo": (add_demo_arguments, run_demo),
     "plan": (add_plan_arguments, run_plan),
+    "space": (add_space_arguments, run_space),
 }
 
 

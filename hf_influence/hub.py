@@ -190,15 +190,16 @@ def push_folder(
     commit_message: str | None = None,
     create_pr: bool = False,
     stale_patterns: Iterable[str] = (),
+    space_sdk: str | None = None,
 ) -> Any:
-    """Create the repo if needed and upload `files` of `folder` (all but `ignore` patterns when None) in
-    one commit; returns its `CommitInfo`.
+    """Create the repo if needed (a Space with `space_sdk`) and upload `files` of `folder` (all but `ignore`
+    patterns when None) in one commit; returns its `CommitInfo`.
 
     `stale_patterns` name remote files of an older save that this one replaces (e.g. shards of another
     count): they are deleted in the same commit unless uploaded again.
     """
     api = HfApi(token=token)
-    api.create_repo(repo_id, repo_type=repo_type, private=private, exist_ok=True)
+    api.create_repo(repo_id, repo_type=repo_type, private=private, exist_ok=True, space_sdk=space_sdk)
     if revision is not None and not create_pr:
         api.create_branch(repo_id, branch=revision, repo_type=repo_type, exist_ok=True)
     return api.upload_folder(

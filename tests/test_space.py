@@ -219,38 +219,81 @@ def test_upload_conversion_and_histogram():
     assert math.isclose(histogram["score"][0], -2.0 + 0.5)
 
 
-def test_space_app_serves_from_environment_variables(artifacts, direct, tmp_path):
-    """spaces/influence-explorer/app.py, run as a Space runs it: configured by HFI_* variables."""
-    _, attributor, dataset = direct
+def serve_app(app: Path, environment: dict[str, str]) -> tuple[subprocess.Popen, Client]:
+    """Run a Space's app.py as a Space runs it (in its folder, on a free local port) until it answers."""
     port = free_port()
     environment = {
-        **os.environ,
-        **{f"HFI_{name.upper()}": path for name, path in artifacts.items() if name != "digits"},
-        "HFI_DATASET": artifacts["digits"],
-        "HFI_TOP_K": "3",
+        **environment,
         "GRADIO_SERVER_NAME": "127.0.0.1",
         "GRADIO_SERVER_PORT": str(port),
         "GRADIO_ANALYTICS_ENABLED": "False",
         "OMP_NUM_THREADS": "1",
     }
-    app = Path(__file__).parents[1] / "spaces" / "influence-explorer" / "app.py"
     process = subprocess.Popen(
-        [sys.executable, str(app)], env=environment, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+        [sys.executable, str(app)], cwd=app.parent, env=environment, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
     )
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            return process, Client(f"http://127.0.0.1:{port}/", verbose=False)
+        except Exception:  # not listening yet
+            if process.poll() is not None or time.monotonic() > deadline:
+                process.kill()
+                raise AssertionError(process.stdout.read().decode()) from None
+            time.sleep(0.5)
+
+
+def test_space_app_serves_from_environment_variables(artifacts, direct, tmp_path):
+    """spaces/influence-explorer/app.py, run as a Space runs it: configured by HFI_* variables."""
+    _, attributor, dataset = direct
+    environment = {
+        **os.environ,
+        **{f"HFI_{name.upper()}": path for name, path in artifacts.items() if name != "digits"},
+        "HFI_DATASET": artifacts["digits"],
+        "HFI_TOP_K": "3",
+    }
+    process, client = serve_app(Path(__file__).parents[1] / "spaces" / "influence-explorer" / "app.py", environment)
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                client = Client(f"http://127.0.0.1:{port}/", verbose=False)
-                break
-            except Exception:  # not listening yet
-                if process.poll() is not None or time.monotonic() > deadline:
-                    raise AssertionError(process.stdout.read().decode()) from None
-                time.sleep(0.5)
         digit = dataset[9]["image"]
         path = tmp_path / "digit.png"
         digit.save(path)
         outputs = client.predict(handle_file(str(path)), None, "", "loss", 1e-8, 3, api_name="/attribute")
+        check_view(outputs, digit, attributor, dataset, top_k=3)
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+def test_one_command_deploys_a_space_that_serves(hub, artifacts, direct, tmp_path):
+    """`hf-influence space --push-to-hub` against the local Hub: the Space repo holds the app, its card, the
+    requirements, the package and the settings; its snapshot, run as a Space runs it (no HFI_ variables, the
+    package imported from beside app.py), answers like the library."""
+    from huggingface_hub import snapshot_download
+
+    _, attributor, dataset = direct
+    repo = f"hub-tester/explorer-{uuid.uuid4().hex[:8]}"
+    command = ["hf-influence", "space", "--push-to-hub", repo, "--top-k", "3"]
+    for name in ("pipeline", "factors", "index"):
+        command += [f"--{name}", artifacts[name]]
+    command += ["--dataset", artifacts["digits"]]
+    done = subprocess.run(
+        command, capture_output=True, text=True, timeout=300, env={**os.environ, "HF_TOKEN": hub.token}
+    )
+    assert done.returncode == 0, done.stderr
+    files = set(hub.api.list_repo_files(repo, repo_type="space"))
+    assert {"app.py", "README.md", "requirements.txt", "explorer.json", "hf_influence/__init__.py"} <= files
+    assert "hf_influence/explorer/deploy.py" in files and not any("__pycache__" in name for name in files)
+    folder = Path(snapshot_download(repo, repo_type="space", cache_dir=tmp_path / "cache"))
+    assert "sdk: gradio" in (folder / "README.md").read_text()
+
+    environment = {name: value for name, value in os.environ.items() if not name.startswith(("HFI_", "PYTHONPATH"))}
+    process, client = serve_app(folder / "app.py", environment)
+    try:
+        digit = dataset[2]["image"]
+        digit.save(tmp_path / "digit.png")
+        outputs = client.predict(
+            handle_file(str(tmp_path / "digit.png")), None, "", "loss", 1e-8, 3, api_name="/attribute"
+        )
         check_view(outputs, digit, attributor, dataset, top_k=3)
     finally:
         process.terminate()
