@@ -66,6 +66,9 @@ class FactorConfig:
             of the discarded eigenvalues (see `curvature/large_layers.py`); None (default) keeps every factor
             exact.
         large_layer_rank: the eigenvectors kept for the activation factor of a layer over max_factor_size.
+        module_partitions: fit the layers in this many groups (balanced by factor bytes), one group per pass
+            over the data, so the covariances held at once are those of the largest group: peak memory for
+            time. The factors are the same for any number of partitions (every draw is seeded by its example).
     """
 
     strategy: str = "ekfac"
@@ -80,6 +83,7 @@ class FactorConfig:
     id_column: str = "id"
     max_factor_size: int | None = None
     large_layer_rank: int = 1024
+    module_partitions: int = 1
 
     def __post_init__(self) -> None:
         check_choice("FactorConfig.strategy", self.strategy, sorted(STRATEGIES))
@@ -87,7 +91,7 @@ class FactorConfig:
         check_choice("FactorConfig.ggn", self.ggn, GGN_KINDS)
         check_choice("FactorConfig.output_curvature", self.output_curvature, OUTPUT_CURVATURES)
         check_choice("FactorConfig.dtype", self.dtype, FACTOR_DTYPES)
-        for name in ("draws_per_example", "batch_size", "large_layer_rank"):
+        for name in ("draws_per_example", "batch_size", "large_layer_rank", "module_partitions"):
             object.__setattr__(self, name, check_int(f"FactorConfig.{name}", getattr(self, name), minimum=1))
         object.__setattr__(self, "seed", check_int("FactorConfig.seed", self.seed))
         if self.max_factor_size is not None:

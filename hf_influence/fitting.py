@@ -67,19 +67,17 @@ def fit_factors(
         return InfluenceFactors.identity(task, config.module_filter, source)
     ranks = Ranks(accelerator)
     layers = find_layers(task.denoiser, config.module_filter)
-    checkpoint = None
-    if checkpoint_dir is not None:
-        identity = {"config": config, "fingerprint": task.fingerprint(), "num_processes": ranks.world}
-        checkpoint = FitCheckpoint(Path(checkpoint_dir), ranks.rank, identity, checkpoint_every)
-    fit = _Fit(task, ranks.split(dataset), config, layers, ranks, checkpoint)
-    state = checkpoint.load(resume) if checkpoint is not None else None
-    if state is None or state.stage == "fit":
-        factors, totals = fit.covariance_stage(state)
-        state = None
-    else:
-        factors, totals = unflatten_layers(state.finished, layers), state.fit
-    if config.curvature.corrects_eigenvalues:
-        factors = fit.correction_stage(factors, totals, state)
+    identity = {"config": config, "fingerprint": task.fingerprint(), "num_processes": ranks.world}
+    factors: dict[str, LayerFactors] = {}
+    partitions = partition_layers(layers, config.module_partitions)
+    for position, group in enumerate(partitions):
+        checkpoint = None
+        if checkpoint_dir is not None:  # one folder per partition, so a crash resumes inside its partition
+            directory = Path(checkpoint_dir) / (f"partition-{position}" if len(partitions) > 1 else "")
+            checkpoint = FitCheckpoint(directory, ranks.rank, identity, checkpoint_every)
+        part, totals = _fit_layers(_Fit(task, ranks.split(dataset), config, group, ranks, checkpoint), resume)
+        factors.update(part)
+    factors = {name: factors[name] for name in layers}
     metadata = FactorsMetadata(
         config=config,
         total_draws=totals.draws,
@@ -89,6 +87,40 @@ def fit_factors(
         dataset=dataset_provenance(dataset, config.id_column, dataset_source, describe(totals.examples, totals.digest)),
     )
     return InfluenceFactors(metadata, {name: layer.to("cpu") for name, layer in factors.items()})
+
+
+def partition_layers(layers: dict[str, nn.Module], count: int) -> list[dict[str, nn.Module]]:
+    """`layers` in `count` groups of about equal factor bytes (`d_in² + d_out²` each; the largest layers are
+    placed first, each in the lightest group), every group in the model's layer order; empty groups dropped."""
+    sizes = {
+        name: sum(side * side for side in layer_kind(module).weight_shape(module)) for name, module in layers.items()
+    }
+    groups: list[list[str]] = [[] for _ in range(count)]
+    loads = [0] * count
+    for name in sorted(layers, key=lambda name: -sizes[name]):
+        lightest = loads.index(min(loads))
+        groups[lightest].append(name)
+        loads[lightest] += sizes[name]
+    order = {name: position for position, name in enumerate(layers)}
+    return [{name: layers[name] for name in sorted(group, key=order.get)} for group in groups if group]
+
+
+def _fit_layers(fit: _Fit, resume: bool) -> tuple[dict[str, LayerFactors], PassTotals]:
+    """One group's factors: the covariance pass and eigendecompositions, then the correction pass (EK-FAC),
+    each resumed from the group's checkpoint when there is one."""
+    state = fit.checkpoint.load(resume) if fit.checkpoint is not None else None
+    if state is not None and state.stage == "finished":  # a partition fitted before the crash
+        return unflatten_layers(state.finished, fit.layers), state.fit
+    if state is None or state.stage == "fit":
+        factors, totals = fit.covariance_stage(state)
+        state = None
+    else:
+        factors, totals = unflatten_layers(state.finished, fit.layers), state.fit
+    if fit.config.curvature.corrects_eigenvalues:
+        factors = fit.correction_stage(factors, totals, state)
+    if fit.checkpoint is not None and fit.config.module_partitions > 1:  # the next partitions may yet crash
+        fit.checkpoint.save(PassState("finished", fit=totals, finished=flatten_layers(factors)))
+    return factors, totals
 
 
 class _Fit:
