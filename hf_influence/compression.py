@@ -214,6 +214,40 @@ def _codes(stored: Stored) -> list[str]:
     return [key for key, value in stored.items() if value.dtype == torch.uint8]
 
 
+def bytes_per_example(compressor: Compressor, shapes: dict[str, tuple[int, int]], biases: dict[str, bool]) -> int:
+    """What one example's stored tensors take, over every layer (its `layout`; the id and file header apart)."""
+    return sum(sum(compressor.layout(name, *shape, biases[name]).values()) for name, shape in shapes.items())
+
+
+def fit_to_budget(
+    config: IndexConfig, shapes: dict[str, tuple[int, int]], biases: dict[str, bool]
+) -> tuple[IndexConfig, int]:
+    """The config with the compression a byte budget (`config.max_bytes_per_example`) chooses, and the bytes
+    per example it takes: the exact gradients when they fit, else 8-bit SVD at the largest rank per layer
+    whose bytes fit (layers no wider than the rank are stored exactly). A config without a budget is kept."""
+    from dataclasses import replace
+
+    budget = config.max_bytes_per_example
+    if budget is None:
+        return config, bytes_per_example(make_compressor(config, shapes), shapes, biases)
+    exact = bytes_per_example(Compressor(), shapes, biases)
+    if exact <= budget:
+        return replace(config, compression="none", quantize_bits=None), exact
+    chosen = None
+    for rank in range(1, max(min(shape) for shape in shapes.values()) + 1):
+        size = bytes_per_example(Quantized(SVDCompressor(rank)), shapes, biases)
+        if size > budget:
+            break
+        chosen = (replace(config, compression="svd", rank=rank, quantize_bits=8), size)
+    if chosen is None:
+        smallest = bytes_per_example(Quantized(SVDCompressor(1)), shapes, biases)
+        raise ValueError(
+            f"IndexConfig.max_bytes_per_example={budget} is below the smallest index of these {len(shapes)} layers "
+            f"({smallest} bytes per example at 8-bit rank 1): raise it, or index fewer layers (module_filter)."
+        )
+    return chosen
+
+
 def make_compressor(config: IndexConfig, shapes: dict[str, tuple[int, int]]) -> Compressor:
     """The compressor an index config names, for layers of weight shapes `shapes`."""
     if config.compression == "projection":

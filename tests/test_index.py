@@ -239,3 +239,50 @@ def test_max_shard_bytes_bounds_every_file(setup, tmp_path):
     torch.testing.assert_close(attribute(bounded), attribute(unbounded), rtol=1e-4, atol=1e-5)
     with pytest.raises(ValueError, match="max_shard_bytes"):
         hfi.build_index(task, dataset, hfi.IndexConfig(**options, max_shard_bytes=100), output_dir=tmp_path / "tiny")
+
+
+def _stored_bytes_per_example(index: hfi.GradientIndex) -> float:
+    """The bytes of the gradient tensors in the index's shards (ids, digests and file headers apart), per example."""
+    from safetensors import safe_open
+
+    total = 0
+    for shard in index.metadata.shards:
+        with safe_open(str(index.files.path(shard.file)), framework="pt") as handle:
+            for key in handle.keys():  # noqa: SIM118 (safe_open has no __iter__)
+                if any(key.startswith(f"{name}.") for name in index.metadata.modules):
+                    tensor = handle.get_tensor(key)
+                    total += tensor.numel() * tensor.element_size()
+    return total / len(index)
+
+
+def test_a_byte_budget_chooses_the_compression_and_is_met(setup, tmp_path):
+    from hf_influence.compression import Quantized, SVDCompressor, bytes_per_example
+
+    task, dataset, factors, queries, exact = setup
+    budget = 12_000
+    index = hfi.build_index(
+        task, dataset, hfi.IndexConfig(draws_per_example=DRAWS, max_bytes_per_example=budget), output_dir=tmp_path / "b"
+    )
+    chosen = index.metadata.config
+    assert (chosen.compression, chosen.quantize_bits, chosen.max_bytes_per_example) == ("svd", 8, budget)
+    shapes = {name: tuple(shape) for name, shape in index.metadata.shapes.items()}
+    biases = {name: task.denoiser.get_submodule(name).bias is not None for name in shapes}
+    stored = _stored_bytes_per_example(index)
+    assert stored == bytes_per_example(Quantized(SVDCompressor(chosen.rank)), shapes, biases) <= budget
+    assert bytes_per_example(Quantized(SVDCompressor(chosen.rank + 1)), shapes, biases) > budget  # the largest rank
+    scores = hfi.Attributor(task, factors, index).attribute(queries, draws_per_query=DRAWS).scores
+    assert spearmanr(scores.flatten(), exact.flatten()).statistic > 0.5
+    # A budget the exact gradients fit in keeps them exact; one below 8-bit rank 1 is refused with the minimum.
+    roomy = hfi.IndexConfig(draws_per_example=DRAWS, max_bytes_per_example=10**9)
+    exact_index = hfi.build_index(task, dataset, roomy, output_dir=tmp_path / "exact")
+    assert exact_index.metadata.config.compression == "none"
+    torch.testing.assert_close(
+        hfi.Attributor(task, factors, exact_index).attribute(queries).scores,
+        exact,
+        rtol=1e-4,
+        atol=1e-4 * exact.abs().max().item(),
+    )
+    with pytest.raises(ValueError, match=r"max_bytes_per_example=10 is below the smallest index .* bytes per example"):
+        hfi.build_index(task, dataset, hfi.IndexConfig(max_bytes_per_example=10), output_dir=tmp_path / "tiny")
+    with pytest.raises(ValueError, match="max_bytes_per_example chooses the compression"):
+        hfi.IndexConfig(max_bytes_per_example=4000, compression="projection")

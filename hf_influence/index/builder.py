@@ -22,7 +22,7 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from ..artifacts import ArtifactFiles, FileRecord, check_output_folder, describe_folder
-from ..compression import Compressor, make_compressor
+from ..compression import Compressor, bytes_per_example, fit_to_budget, make_compressor
 from ..curvature.layers import find_layers, layer_kind
 from ..data import check_dataset
 from ..distributed import Ranks
@@ -72,14 +72,14 @@ def build_index(
     directory = Path(output_dir) if output_dir is not None else Path(tempfile.mkdtemp(prefix="hf_influence_index_"))
     layers = find_layers(task.denoiser, config.module_filter)
     shapes = {name: tuple(layer_kind(module).weight_shape(module)) for name, module in layers.items()}
+    biases = {name: module.bias is not None for name, module in layers.items()}
+    config, _ = fit_to_budget(config, shapes, biases)  # the compression a byte budget chooses, recorded
     compressor = make_compressor(config, shapes)
     metadata = IndexMetadata(
         config=config,
         modules=tuple(layers),
         shapes=shapes,
-        examples_per_shard=_examples_per_shard(
-            config, compressor, shapes, {name: module.bias is not None for name, module in layers.items()}
-        ),
+        examples_per_shard=_examples_per_shard(config, compressor, shapes, biases),
         model=task.provenance(),
         dataset=dataset_provenance(dataset, config.id_column, dataset_source),
         digest_columns=tuple(task.columns),
@@ -150,11 +150,12 @@ def _examples_per_shard(
         return config.shard_size
     # Bytes per example (its id, then its tensors), and the header: a JSON entry of about 64 characters
     # (dtype, shape, offsets) plus the name, per tensor.
-    per_example, header = 8, 128
-    for name, (d_out, d_in) in shapes.items():
-        layout = compressor.layout(name, d_out, d_in, biases[name])
-        per_example += sum(layout.values())
-        header += sum(64 + len(f"{name}.{key}") for key in layout)
+    per_example = 8 + bytes_per_example(compressor, shapes, biases)
+    header = 128 + sum(
+        64 + len(f"{name}.{key}")
+        for name, (d_out, d_in) in shapes.items()
+        for key in compressor.layout(name, d_out, d_in, biases[name])
+    )
     if per_example + header > config.max_shard_bytes:
         raise ValueError(
             f"One example's compressed gradients take {per_example + header} bytes with the file header, more "

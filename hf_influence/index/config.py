@@ -33,6 +33,9 @@ class IndexConfig:
             compressed gradients are large); None bounds shards by `shard_size` only.
         module_filter: regex on layer names; must select the layers the factors were fitted on.
         id_column: the dataset column with stable integer ids (row positions when missing).
+        max_bytes_per_example: a byte budget for one example's stored gradients: the build chooses the
+            compression that meets it (the exact gradients when they fit, else 8-bit SVD at the largest rank
+            that fits) and records it in `compression` / `rank` / `quantize_bits`; None uses those as given.
         estimator: how each example's draws are chosen (`estimators.py`): "plain" Monte Carlo, or options
             joined by "+" ("stratified", "antithetic", "common"); queries against the index use the same.
     """
@@ -49,6 +52,7 @@ class IndexConfig:
     module_filter: str | None = None
     id_column: str = "id"
     estimator: str = "plain"
+    max_bytes_per_example: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("draws_per_example", "batch_size", "shard_size", "rank", "projection_dim"):
@@ -61,6 +65,14 @@ class IndexConfig:
             object.__setattr__(
                 self, "max_shard_bytes", check_int("IndexConfig.max_shard_bytes", self.max_shard_bytes, minimum=1)
             )
+        if self.max_bytes_per_example is not None:
+            budget = check_int("IndexConfig.max_bytes_per_example", self.max_bytes_per_example, minimum=1)
+            object.__setattr__(self, "max_bytes_per_example", budget)
+            if self.compression == "projection":
+                raise ValueError(
+                    "IndexConfig.max_bytes_per_example chooses the compression (exact or 8-bit SVD): leave "
+                    "compression='projection' out, or drop the budget."
+                )
         check_regex("IndexConfig.module_filter", self.module_filter)
         check_str("IndexConfig.id_column", self.id_column)
         Estimator.named(self.estimator)
