@@ -25,6 +25,7 @@ from .curvature.eigen import Eigenpairs, decompose
 from .curvature.large_layers import activation_rank
 from .curvature.layer_factors import LayerFactors, flatten_layers, unflatten_layers
 from .curvature.layers import find_layers, layer_kind
+from .curvature.partitions import balanced_groups
 from .curvature.probes import backpropagated_values
 from .curvature.statistics import CovarianceAccumulator, EigenvalueCorrectionAccumulator
 from .data import check_dataset
@@ -76,7 +77,7 @@ def fit_factors(
             directory = Path(checkpoint_dir) / (f"partition-{position}" if len(partitions) > 1 else "")
             checkpoint = FitCheckpoint(directory, ranks.rank, identity, checkpoint_every)
         part, totals = _fit_layers(_Fit(task, ranks.split(dataset), config, group, ranks, checkpoint), resume)
-        factors.update(part)
+        factors.update({name: layer.to("cpu") for name, layer in part.items()})  # finished groups leave the device
     factors = {name: factors[name] for name in layers}
     metadata = FactorsMetadata(
         config=config,
@@ -90,19 +91,10 @@ def fit_factors(
 
 
 def partition_layers(layers: dict[str, nn.Module], count: int) -> list[dict[str, nn.Module]]:
-    """`layers` in `count` groups of about equal factor bytes (`d_in² + d_out²` each; the largest layers are
-    placed first, each in the lightest group), every group in the model's layer order; empty groups dropped."""
-    sizes = {
-        name: sum(side * side for side in layer_kind(module).weight_shape(module)) for name, module in layers.items()
-    }
-    groups: list[list[str]] = [[] for _ in range(count)]
-    loads = [0] * count
-    for name in sorted(layers, key=lambda name: -sizes[name]):
-        lightest = loads.index(min(loads))
-        groups[lightest].append(name)
-        loads[lightest] += sizes[name]
-    order = {name: position for position, name in enumerate(layers)}
-    return [{name: layers[name] for name in sorted(group, key=order.get)} for group in groups if group]
+    """`layers` in `count` groups of about equal factor bytes (`balanced_groups`), each in the model's order."""
+    shapes = {name: layer_kind(module).weight_shape(module) for name, module in layers.items()}
+    groups = balanced_groups({name: sum(side * side for side in shape) for name, shape in shapes.items()}, count)
+    return [{name: layers[name] for name in group} for group in groups]
 
 
 def _fit_layers(fit: _Fit, resume: bool) -> tuple[dict[str, LayerFactors], PassTotals]:

@@ -84,3 +84,21 @@ def test_full_size_presets_of_every_family_are_planned(preset, denoiser):
     assert all((".lora_" in layer.name) == lora for layer in result.layers)
     if lora:  # r = 4: lora_A is (4, d_in) and lora_B (d_out, 4)
         assert {min(layer.d_out, layer.d_in) for layer in result.layers} == {4}
+
+
+def test_module_partitions_bound_the_covariance_pass_by_the_largest_group() -> None:
+    """Fitting k groups one after another holds one group's A and G: the covariance pass of the plan is the
+    model, a batch's activations and the largest group's covariances (4 bytes per entry, counted here from the
+    layer shapes), and a partitioned plan can fit where one pass cannot."""
+    whole = hfi.plan("sd15", hfi.FactorConfig(batch_size=1))
+    activations = whole.activation_bytes_per_draw
+    covariances = {layer.name: 4 * (layer.d_in**2 + layer.d_out**2) for layer in whole.layers}
+    for count in (1, 2, 3):
+        planned = whole.replace(module_partitions=count)
+        largest = planned.fitting_phases()["covariance_pass"] - whole.parameter_bytes - activations
+        assert (
+            sum(covariances.values()) / count
+            <= largest
+            <= sum(covariances.values()) / count + max(covariances.values())
+        )
+    assert whole.replace(module_partitions=4).fitting_memory_bytes < whole.fitting_memory_bytes

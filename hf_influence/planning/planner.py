@@ -15,6 +15,7 @@ from torch import nn
 from ..compression import Compressor, make_compressor
 from ..curvature.large_layers import activation_rank
 from ..curvature.layers import LORA_ONLY, find_layers, layer_kind
+from ..curvature.partitions import balanced_groups
 from ..factors import STORAGE_DTYPES, FactorConfig
 from ..index import IndexConfig
 from .inputs import meta_inputs
@@ -159,14 +160,20 @@ class Plan:
     def fitting_phases(self) -> dict[str, int]:
         """Device memory of each phase of a fit, with the fp32 model: the covariance pass (covariances and a
         batch's activations); the eigendecompositions (see `_eigendecomposition_peak`); the correction pass
-        (eigenvectors, correction sums and a batch's activations)."""
-        per_layer = [self._fitting_bytes(layer) for layer in self.layers]
+        (eigenvectors, correction sums and a batch's activations) — for the largest of the
+        `FactorConfig.module_partitions` groups of layers (a finished group's factors leave the device)."""
+        per_layer = {layer.name: self._fitting_bytes(layer) for layer in self.layers}
+        sizes = {layer.name: layer.d_in**2 + layer.d_out**2 for layer in self.layers}
         activations = self.factor_config.batch_size * self.activation_bytes_per_draw
-        phases = {
-            "covariance_pass": sum(layer["covariances"] for layer in per_layer) + activations,
-            "eigendecomposition": _eigendecomposition_peak(per_layer),
-            "correction_pass": sum(layer["eigenvectors"] + layer["corrections"] for layer in per_layer) + activations,
-        }
+        phases = dict.fromkeys(("covariance_pass", "eigendecomposition", "correction_pass"), 0)
+        for group in balanced_groups(sizes, self.factor_config.module_partitions):
+            rows = [per_layer[name] for name in group]
+            group_phases = {
+                "covariance_pass": sum(layer["covariances"] for layer in rows) + activations,
+                "eigendecomposition": _eigendecomposition_peak(rows),
+                "correction_pass": sum(layer["eigenvectors"] + layer["corrections"] for layer in rows) + activations,
+            }
+            phases = {phase: max(value, group_phases[phase]) for phase, value in phases.items()}
         return {phase: self.parameter_bytes + value for phase, value in phases.items()}
 
     @property
@@ -241,6 +248,13 @@ class Plan:
             ("large-layer approximation (max_factor_size=8192, large_layer_rank=1024)", large),
             (f"batch_size={small_batch['batch_size']}", small_batch),
             ("all of the above", {**policies, **large, **small_batch}),
+            *(
+                (
+                    f"module_partitions={count} + all of the above",
+                    {**policies, **large, **small_batch, "module_partitions": count},
+                )
+                for count in (2, 4, 8)
+            ),
         ]
         if self.has_lora and self.factor_config.module_filter != LORA_ONLY:
             candidates.append(("LoRA layers only (module_filter=hfi.LORA_ONLY)", {"module_filter": LORA_ONLY}))
@@ -279,7 +293,8 @@ class Plan:
             covariances = self.replace(batch_size=1).fitting_phases()["covariance_pass"]
             return [
                 f"None of the options fits: the covariance pass alone holds every fitted layer's A and G at once "
-                f"({_gb(covariances)} with the model at batch 1). Fit fewer layers (module_filter)."
+                f"({_gb(covariances)} with the model at batch 1). Fit fewer layers (module_filter), or more "
+                "module_partitions."
             ]
         return ["These would fit:"] + [
             f"  - {label}: fitting {_gb(plan.fitting_memory_bytes)}, scoring {_gb(plan.scoring_memory_bytes)}, "
