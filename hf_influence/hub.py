@@ -140,7 +140,7 @@ def open_repo(
         return RepoFiles(str(local), repo_type, None, local_directory=local)
     if local.exists():
         raise NotADirectoryError(f"{local} is a file, not a saved folder or a Hub repo id.")
-    check_local_or_repo_id(path_or_repo_id, f"saved {repo_type} folder or Hub repo")
+    check_local_or_repo_id(path_or_repo_id, f"saved folder with a config.json, or Hub {repo_type} repo")
     repo = RepoFiles(str(path_or_repo_id), repo_type, revision, None, token, cache_dir, local_files_only)
     config = Path(repo._download("config.json", revision))
     repo.revision = _cached_commit(config) or revision

@@ -458,7 +458,7 @@ def test_unsupported_components_are_named(pipelines, workdir):
         task.predict(torch.zeros(1, 3, 16, 16), task.draw([0], 1, 0, "query"), repeats=1)
 
 
-def test_cli_attributes_generated_images_of_a_class_conditional_pipeline(workdir, tmp_path):
+def test_cli_attributes_generated_images_of_a_class_conditional_pipeline(workdir, tmp_path, capsys):
     from hf_influence.cli import main
 
     saved_pipeline("dit", workdir)
@@ -470,8 +470,10 @@ def test_cli_attributes_generated_images_of_a_class_conditional_pipeline(workdir
     options = ["--generate", "2", "--num-inference-steps", "2", "--top-k", "3", "--guidance-scale", "1"]
     stored = ["--factors", str(tmp_path / "factors"), "--index", str(tmp_path / "index")]
     attribute = ["attribute", *common, *stored, *options]
-    with pytest.raises(ValueError, match="--label"):
+    with pytest.raises(SystemExit) as refused:  # a usage error: one line naming the option, exit status 2
         main([*attribute, "--output-dir", str(tmp_path / "none")])
+    message = capsys.readouterr().err
+    assert refused.value.code == 2 and "error: This pipeline is class-conditional" in message and "--label" in message
     main([*attribute, "--label", "3", "7", "--output-dir", str(tmp_path / "a")])
     queries = json.loads((tmp_path / "a" / "attribution.json").read_text())["queries"]
     assert len(queries) == 2 and all(len(query["proponents"]["ids"]) == 3 for query in queries)
