@@ -18,7 +18,7 @@ from torch import nn
 from .data import check_dataset
 from .deprecation import renamed_argument
 from .engine import DrawPlan, dataset_batches
-from .estimators import Estimator
+from .estimators import DEFAULT_ESTIMATOR, Estimator
 from .factors import InfluenceFactors
 from .gradients import DEFAULT_DRAWS, LayerGradients, per_example_scores, query_gradients
 from .index import GradientIndex
@@ -58,7 +58,7 @@ def pairwise_scores(
     prompts: Sequence[str] | None = None,
     num_query_draws: int | None = None,
     num_train_draws: int | None = None,
-    estimator: str = "plain",
+    estimator: str = DEFAULT_ESTIMATOR,
 ) -> torch.Tensor:
     """Influence scores `[num_queries, num_train]` of every training example on every query, no index needed.
 

@@ -237,7 +237,15 @@ def test_large_damping_limit_is_gradient_dot_product(digits8) -> None:
     for ratio in (1e1, 1e3, 1e6):
         damping = ratio * largest
         scores = hfi.pairwise_scores(
-            task, factors, queries, train, damping=damping, draws_per_query=2, draws_per_example=2, batch_size=4
+            task,
+            factors,
+            queries,
+            train,
+            damping=damping,
+            draws_per_query=2,
+            draws_per_example=2,
+            batch_size=4,
+            estimator="plain",  # the reference's independent draws
         ).to(torch.float64)
         error = (damping * scores - dot).abs()
         bound = (largest / (largest + damping) + 1e-5) * norms
@@ -308,7 +316,15 @@ def test_pairwise_scores_equal_exact_influence_on_linear_model(digits8, bias: bo
     for damping in (1e-6 * largest, 1e-2 * largest, 1.0 * largest):
         expected = g_query @ torch.linalg.solve(ggn + damping * torch.eye(len(ggn), dtype=ggn.dtype), g_train.T)
         scores = hfi.pairwise_scores(
-            task, factors, queries, train, damping=damping, draws_per_query=4, draws_per_example=draws, batch_size=6
+            task,
+            factors,
+            queries,
+            train,
+            damping=damping,
+            draws_per_query=4,
+            draws_per_example=draws,
+            batch_size=6,
+            estimator="plain",  # the reference's independent draws
         )
         assert scores.shape == (3, 6)
         torch.testing.assert_close(scores.to(torch.float64), expected, rtol=1e-5, atol=1e-5 * expected.abs().max())

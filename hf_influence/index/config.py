@@ -7,7 +7,7 @@ from typing import Any
 
 from ..compression import COMPRESSIONS
 from ..deprecation import renamed_fields
-from ..estimators import Estimator
+from ..estimators import DEFAULT_ESTIMATOR, Estimator
 from ..provenance import DatasetSource, ModelProvenance
 from ..validation import check_choice, check_int, check_regex, check_str
 
@@ -36,8 +36,10 @@ class IndexConfig:
         max_bytes_per_example: a byte budget for one example's stored gradients: the build chooses the
             compression that meets it (the exact gradients when they fit, else 8-bit SVD at the largest rank
             that fits) and records it in `compression` / `rank` / `quantize_bits`; None uses those as given.
-        estimator: how each example's draws are chosen (`estimators.py`): "plain" Monte Carlo, or options
-            joined by "+" ("stratified", "antithetic", "common"); queries against the index use the same.
+        estimator: how each example's draws are chosen (`estimators.py`): "common" random numbers (the
+            default: the same draws for every example and query, the best of the options on the LDS benchmark
+            at every draw count), "plain" Monte Carlo, or options joined by "+" ("stratified", "antithetic",
+            "common"); queries against the index use the same.
     """
 
     draws_per_example: int = 250
@@ -51,7 +53,7 @@ class IndexConfig:
     max_shard_bytes: int | None = None
     module_filter: str | None = None
     id_column: str = "id"
-    estimator: str = "plain"
+    estimator: str = DEFAULT_ESTIMATOR
     max_bytes_per_example: int | None = None
 
     def __post_init__(self) -> None:
@@ -124,6 +126,7 @@ def migrate_v1(config: dict[str, Any]) -> dict[str, Any]:
     config["files"] = {shard["file"]: {"size": shard["size"], "blake2b": shard["blake2b"]} for shard in shards}
     config.setdefault("examples_per_shard", config["shard_size"])
     config.setdefault("max_shard_bytes", None)
+    config.setdefault("estimator", "plain")  # the only estimator then (the default is now "common")
     config.setdefault("dataset", {"repo_id": None, "revision": None, "split": None, "id_column": config["id_column"]})
     config["model"] = {"repo_id": None, "revision": None, **config["model"]}
     return config
