@@ -11,6 +11,7 @@ import torch
 
 from ..attribution import pairwise_scores
 from ..deprecation import renamed_argument
+from ..estimators import DEFAULT_ESTIMATOR
 from ..factors import InfluenceFactors
 from ..gradients import DEFAULT_DRAWS
 from ..measurements import Measurement
@@ -28,13 +29,14 @@ def gradient_dot_scores(
     seed: int = 0,
     id_column: str = "id",
     module_filter: str | None = None,
+    estimator: str = DEFAULT_ESTIMATOR,
     num_query_draws: int | None = None,
     num_train_draws: int | None = None,
 ) -> torch.Tensor:
     """`[Q, N]` dot products of each query's measurement gradient with each training example's loss
     gradient, over the Linear and Conv2d layers (those matching `module_filter`), with the same draws
-    as `pairwise_scores`. Positive = the gradients agree: a step on the example lowers the query's
-    measurement, so removing it is predicted to raise it. (`num_query_draws` / `num_train_draws`: the
+    as `pairwise_scores` (the same `estimator`). Positive = the gradients agree: a step on the example
+    lowers the query's measurement, so removing it is predicted to raise it. (`num_query_draws` / `num_train_draws`: the
     deprecated names of the draw counts.)"""
     draws_per_query = renamed_argument("num_query_draws", num_query_draws, "draws_per_query", draws_per_query)
     draws_per_example = renamed_argument("num_train_draws", num_train_draws, "draws_per_example", draws_per_example)
@@ -49,4 +51,5 @@ def gradient_dot_scores(
         batch_size=batch_size,
         seed=seed,
         id_column=id_column,
+        estimator=estimator,
     )
