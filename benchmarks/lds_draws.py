@@ -161,6 +161,9 @@ def summarise(results: dict[str, Any], ground_truth: Any, args: argparse.Namespa
     halves = split_half_correlation(ground_truth) if ground_truth.num_seeds > 1 else None
     return {
         "command": "python benchmarks/lds_draws.py " + " ".join(sys.argv[1:]),
+        "scores_computed_by": "earlier runs of this script, cached in --workdir/draws (their seconds below)"
+        if args.summary_only
+        else "this run and any cached earlier ones",
         "ground_truth": {
             "subsets": ground_truth.num_subsets,
             "seeds": list(ground_truth.protocol.seeds),
