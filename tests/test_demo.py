@@ -149,8 +149,11 @@ def test_interrupted_training_resumes_to_the_uninterrupted_model(tmp_path, monke
     assert not checkpoints.exists()
 
 
-@pytest.mark.parametrize(("cpus", "threads", "expected"), [(2, None, 1), (16, None, 4), (2, 3, 3)])
-def test_the_demo_chooses_its_threads_and_gives_them_back(tmp_path, monkeypatch, cpus, threads, expected):
+@pytest.mark.parametrize(
+    ("cpus", "load", "threads", "expected"),
+    [(2, 0.1, None, 2), (2, 1.2, None, 1), (2, 3.0, None, 1), (16, 2.0, None, 4), (2, 0.0, 3, 3)],
+)
+def test_the_demo_chooses_its_threads_and_gives_them_back(tmp_path, monkeypatch, cpus, load, threads, expected):
     import hf_influence.demo as demo
 
     seen = []
@@ -160,6 +163,7 @@ def test_the_demo_chooses_its_threads_and_gives_them_back(tmp_path, monkeypatch,
         raise KeyboardInterrupt  # stop the build here
 
     monkeypatch.setattr(demo.os, "cpu_count", lambda: cpus)
+    monkeypatch.setattr(demo.os, "getloadavg", lambda: (load, load, load))
     monkeypatch.setattr(demo, "_digits_stage", digits_stage)
     before = torch.get_num_threads()
     with pytest.raises(KeyboardInterrupt):
