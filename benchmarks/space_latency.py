@@ -151,10 +151,16 @@ def main() -> None:
     parser.add_argument("--cold", action="store_true", help="also time a first run in a fresh cache folder")
     parser.add_argument("--requests", type=int, default=11, help="clicks per measurement (the first is warm-up)")
     parser.add_argument("--users", type=int, default=8, help="concurrent users of the load measurement")
+    parser.add_argument(
+        "--train-steps",
+        type=int,
+        default=DemoConfig().train_steps,
+        help="the demo's training steps (latency depends on the model's size and the index, not on these)",
+    )
     parser.add_argument("--screenshot", default=None, help="save a PNG of the page after the browser clicks")
     parser.add_argument("--out", default="benchmarks/results/space_latency.json")
     args = parser.parse_args()
-    config = DemoConfig()
+    config = DemoConfig(train_steps=args.train_steps)
     cache = Path(args.cache_dir).expanduser()
     results: dict = {
         "demo_config": vars(config),
@@ -163,10 +169,19 @@ def main() -> None:
     if args.cold:
         with tempfile.TemporaryDirectory() as fresh:
             start = time.perf_counter()
-            subprocess.run(["hf-influence", "demo", "--no-launch", "--cache-dir", fresh], check=True)
+            command = [
+                "hf-influence",
+                "demo",
+                "--no-launch",
+                "--cache-dir",
+                fresh,
+                "--train-steps",
+                str(args.train_steps),
+            ]
+            subprocess.run(command, check=True)
             results["first_run_no_launch_s"] = time.perf_counter() - start
     prepare_demo(config, cache)  # makes sure the warm start below is a cached one
-    warm, process, port = demo_to_served(cache, [])
+    warm, process, port = demo_to_served(cache, ["--train-steps", str(args.train_steps)])
     results["second_run_to_served_app_s"] = warm
     try:
         seeds = range(args.requests)
