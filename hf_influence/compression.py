@@ -11,6 +11,7 @@ holds, in bytes per stored tensor (fp32 gradients), without computing anything: 
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 import torch
@@ -219,33 +220,27 @@ def bytes_per_example(compressor: Compressor, shapes: dict[str, tuple[int, int]]
     return sum(sum(compressor.layout(name, *shape, biases[name]).values()) for name, shape in shapes.items())
 
 
-def fit_to_budget(
-    config: IndexConfig, shapes: dict[str, tuple[int, int]], biases: dict[str, bool]
-) -> tuple[IndexConfig, int]:
-    """The config with the compression a byte budget (`config.max_bytes_per_example`) chooses, and the bytes
-    per example it takes: the exact gradients when they fit, else 8-bit SVD at the largest rank per layer
-    whose bytes fit (layers no wider than the rank are stored exactly). A config without a budget is kept."""
-    from dataclasses import replace
-
+def fit_to_budget(config: IndexConfig, shapes: dict[str, tuple[int, int]], biases: dict[str, bool]) -> IndexConfig:
+    """The config with the compression a byte budget (`config.max_bytes_per_example`) chooses: the exact
+    gradients when they fit, else 8-bit SVD at the largest rank whose bytes fit (layers no wider than the rank
+    are stored exactly). A config without a budget is kept."""
     budget = config.max_bytes_per_example
     if budget is None:
-        return config, bytes_per_example(make_compressor(config, shapes), shapes, biases)
-    exact = bytes_per_example(Compressor(), shapes, biases)
-    if exact <= budget:
-        return replace(config, compression="none", quantize_bits=None), exact
-    chosen = None
-    for rank in range(1, max(min(shape) for shape in shapes.values()) + 1):
-        size = bytes_per_example(Quantized(SVDCompressor(rank)), shapes, biases)
-        if size > budget:
-            break
-        chosen = (replace(config, compression="svd", rank=rank, quantize_bits=8), size)
-    if chosen is None:
-        smallest = bytes_per_example(Quantized(SVDCompressor(1)), shapes, biases)
+        return config
+    if bytes_per_example(Compressor(), shapes, biases) <= budget:
+        return replace(config, compression="none", quantize_bits=None)
+    smallest = bytes_per_example(Quantized(SVDCompressor(1)), shapes, biases)
+    if smallest > budget:
         raise ValueError(
             f"IndexConfig.max_bytes_per_example={budget} is below the smallest index of these {len(shapes)} layers "
             f"({smallest} bytes per example at 8-bit rank 1): raise it, or index fewer layers (module_filter)."
         )
-    return chosen
+    rank = 1
+    while rank < max(min(shape) for shape in shapes.values()):
+        if bytes_per_example(Quantized(SVDCompressor(rank + 1)), shapes, biases) > budget:
+            break
+        rank += 1
+    return replace(config, compression="svd", rank=rank, quantize_bits=8)
 
 
 def make_compressor(config: IndexConfig, shapes: dict[str, tuple[int, int]]) -> Compressor:

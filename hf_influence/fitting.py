@@ -87,13 +87,12 @@ def fit_factors(
         model=task.provenance(),
         dataset=dataset_provenance(dataset, config.id_column, dataset_source, describe(totals.examples, totals.digest)),
     )
-    return InfluenceFactors(metadata, {name: layer.to("cpu") for name, layer in factors.items()})
+    return InfluenceFactors(metadata, factors)
 
 
 def partition_layers(layers: dict[str, nn.Module], count: int) -> list[dict[str, nn.Module]]:
     """`layers` in `count` groups of about equal factor bytes (`balanced_groups`), each in the model's order."""
-    shapes = {name: layer_kind(module).weight_shape(module) for name, module in layers.items()}
-    groups = balanced_groups({name: sum(side * side for side in shape) for name, shape in shapes.items()}, count)
+    groups = balanced_groups({name: layer_kind(module).weight_shape(module) for name, module in layers.items()}, count)
     return [{name: layers[name] for name in group} for group in groups]
 
 

@@ -106,18 +106,21 @@ class RepoFiles:
             ) from error
 
 
+def is_repo_id(name: str) -> bool:
+    """Whether `name` is a valid Hub repo id (by the Hub client's rules)."""
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return True
+
+
 def check_local_or_repo_id(path_or_repo_id: str | os.PathLike, what: str) -> None:
     """Refuse, before any download, a name that can only be a local path but names nothing: "no such folder"
     rather than the Hub client's repo-id rules. A name that exists, or could be a Hub id, passes."""
     name = str(path_or_repo_id)
-    if Path(name).exists():
-        return
-    try:
-        validate_repo_id(name)
-    except HFValidationError:
-        raise FileNotFoundError(
-            f"No such folder: {name} (the {what}; a Hub repo id looks like 'owner/name')."
-        ) from None
+    if not Path(name).exists() and not is_repo_id(name):
+        raise FileNotFoundError(f"No such folder: {name} (the {what}; a Hub repo id looks like 'owner/name').")
 
 
 def open_repo(

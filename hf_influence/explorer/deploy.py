@@ -61,14 +61,9 @@ def config_from_file(path: str | Path) -> ExplorerConfig | None:
     path = Path(path)
     if not path.is_file():
         return None
-    values = json.loads(path.read_text())
-    if not isinstance(values, dict):
-        raise ValueError(f"{path} must hold a JSON object of ExplorerConfig fields.")
-    known = {field.name for field in dataclasses.fields(ExplorerConfig)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise ValueError(f"{path} has unknown ExplorerConfig fields {unknown}.")
-    return ExplorerConfig(**values)
+    from ..serialization import from_json
+
+    return from_json(ExplorerConfig, json.loads(path.read_text()), str(path))
 
 
 def _card(config: ExplorerConfig) -> str:
@@ -86,12 +81,7 @@ def _card(config: ExplorerConfig) -> str:
 
 
 def _is_repo_id(name: str) -> bool:
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
+    """An artifact named by a Hub id ('owner/name'), not a local folder."""
+    from ..hub import is_repo_id
 
-    if Path(name).exists() or name.count("/") != 1:
-        return False
-    try:
-        validate_repo_id(name)
-    except HFValidationError:
-        return False
-    return True
+    return not Path(name).exists() and name.count("/") == 1 and is_repo_id(name)

@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from ..artifacts import ArtifactFiles, FileRecord, check_output_folder, describe_folder
+from ..artifacts import ArtifactFiles, FileRecord, check_output_folder
 from ..compression import Compressor, bytes_per_example, fit_to_budget, make_compressor
 from ..curvature.layers import find_layers, layer_kind
 from ..data import check_dataset
@@ -73,7 +73,7 @@ def build_index(
     layers = find_layers(task.denoiser, config.module_filter)
     shapes = {name: tuple(layer_kind(module).weight_shape(module)) for name, module in layers.items()}
     biases = {name: module.bias is not None for name, module in layers.items()}
-    config, _ = fit_to_budget(config, shapes, biases)  # the compression a byte budget chooses, recorded
+    config = fit_to_budget(config, shapes, biases)  # the compression a byte budget chooses, recorded
     compressor = make_compressor(config, shapes)
     metadata = IndexMetadata(
         config=config,
@@ -171,13 +171,12 @@ def _prepare_build(directory: Path, metadata: IndexMetadata, world: int, overwri
     if record.exists():
         record.check()
         return
-    finished = directory.is_dir() and describe_folder(directory) == f"an hf_influence artifact ({GradientIndex.FORMAT})"
-    if finished and not overwrite:
+    finished = check_output_folder(directory, GradientIndex.FORMAT, GradientIndex.DESCRIPTION, overwrite)
+    if finished and not overwrite:  # the files an earlier, finished build of an index recorded there
         raise FileExistsError(
             f"{directory} already holds a finished index; choose another output_dir, or pass overwrite=True "
             "(--overwrite) to build a new one there."
         )
-    check_output_folder(directory, GradientIndex.FORMAT, GradientIndex.DESCRIPTION, overwrite)
     directory.mkdir(parents=True, exist_ok=True)
     record.write({})
 

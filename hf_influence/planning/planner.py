@@ -163,10 +163,10 @@ class Plan:
         (eigenvectors, correction sums and a batch's activations) — for the largest of the
         `FactorConfig.module_partitions` groups of layers (a finished group's factors leave the device)."""
         per_layer = {layer.name: self._fitting_bytes(layer) for layer in self.layers}
-        sizes = {layer.name: layer.d_in**2 + layer.d_out**2 for layer in self.layers}
         activations = self.factor_config.batch_size * self.activation_bytes_per_draw
         phases = dict.fromkeys(("covariance_pass", "eigendecomposition", "correction_pass"), 0)
-        for group in balanced_groups(sizes, self.factor_config.module_partitions):
+        shapes = {layer.name: (layer.d_out, layer.d_in) for layer in self.layers}
+        for group in balanced_groups(shapes, self.factor_config.module_partitions):
             rows = [per_layer[name] for name in group]
             group_phases = {
                 "covariance_pass": sum(layer["covariances"] for layer in rows) + activations,
