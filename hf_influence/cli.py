@@ -280,6 +280,12 @@ def add_build_index_arguments(parser: argparse.ArgumentParser) -> None:
 
     add_data_arguments(parser)
     parser.add_argument("--output-dir", required=True, help="where the index shards are written (resumable)")
+    parser.add_argument(
+        "--factors",
+        help="K-FAC / EK-FAC factors (a folder or Hub id) for --compression eigenbasis, which a "
+        "--max-bytes-per-example budget then chooses",
+    )
+    parser.add_argument("--factors-revision", help="branch, tag or commit of Hub factors")
     add_overwrite_argument(parser)
     add_push_arguments(parser, "index (a dataset repo)")
     add_config_options(parser, IndexConfig)
@@ -289,17 +295,29 @@ def run_build_index(args: argparse.Namespace) -> None:
     """Compute and store every training example's compressed loss gradient."""
     from accelerate import Accelerator
 
+    from .factors import InfluenceFactors
     from .index import IndexConfig, build_index
 
     config = config_from_args(args, IndexConfig)
     accelerator = Accelerator()
     _, task = pipeline_from_args(args, accelerator.device)
+    factors = None
+    if args.factors:
+        factors = InfluenceFactors.from_pretrained(args.factors, task=task, revision=args.factors_revision)
     dataset, source = load_dataset(args)
     index = build_index(
-        task, dataset, config, args.output_dir, accelerator=accelerator, dataset_source=source, overwrite=args.overwrite
+        task,
+        dataset,
+        config,
+        args.output_dir,
+        accelerator=accelerator,
+        dataset_source=source,
+        overwrite=args.overwrite,
+        factors=factors,
     )
     if accelerator.is_main_process:
-        print(f"Indexed {len(index)} examples in {args.output_dir}")
+        size = index.metadata.bytes_per_example
+        print(f"Indexed {len(index)} examples in {args.output_dir} ({index.config.compression}, {size} bytes each)")
         if args.push_to_hub:
             commit = index.push_to_hub(args.push_to_hub, private=args.private or None)
             print(f"Pushed the index to {commit.commit_url}")

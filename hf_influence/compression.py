@@ -1,5 +1,6 @@
-"""Gradient compressors for the index: none, per-layer low-rank SVD, Kronecker random projection,
-each optionally followed by 8-bit quantisation.
+"""Gradient compressors for the index: none, per-layer low-rank SVD, Kronecker random projection, SVD of
+gradients whitened in the fitted factors' eigenbasis (`eigenbasis_compression.py`), each optionally followed by
+8-bit quantisation.
 
 A compressor turns a layer's per-example gradients into the tensors an index shard stores, turns a
 (preconditioned) query gradient into the matching query-side form, and scores one against the
@@ -21,7 +22,7 @@ from .seeding import seeded_generator
 if TYPE_CHECKING:
     from .index import IndexConfig
 
-COMPRESSIONS = ("none", "svd", "projection")
+COMPRESSIONS = ("none", "svd", "projection", "eigenbasis")
 
 Stored = dict[str, torch.Tensor]  # a layer's tensors in a shard, by key ("weight", "bias", ...)
 # Per layer: (P_out (d_out, k_out), P_in (d_in, k_in)) for Kronecker-structured projections.
@@ -105,35 +106,48 @@ class SVDCompressor(Compressor):
     eigenvectors of the small Gram matrix (fast for the wide layers of a UNet, and the best rank-r
     approximation, by Eckart–Young)."""
 
-    def __init__(self, rank: int) -> None:
-        if rank < 1:
+    def __init__(self, rank: int | dict[str, int]) -> None:
+        """`rank`: one rank for every layer (≥ 1), or each layer's by name (≥ 0; a layer at rank 0 stores nothing)."""
+        if isinstance(rank, int) and rank < 1:
             raise ValueError(f"The SVD rank must be at least 1, got {rank}.")
-        self.rank = rank
+        self.rank = rank if isinstance(rank, int) else None
+        self.ranks = rank if isinstance(rank, dict) else {}
+
+    def rank_of(self, name: str) -> int:
+        return self.ranks[name] if self.rank is None else self.rank
 
     def encode(self, name: str, weight: torch.Tensor, bias: torch.Tensor | None) -> Stored:
         d_out, d_in = weight.shape[1:]
-        if min(d_out, d_in) <= self.rank:
+        rank = self.rank_of(name)
+        if not rank:
+            return {}
+        if min(d_out, d_in) <= rank:
             return super().encode(name, weight, bias)
         if d_out <= d_in:  # ∇W ≈ U Uᵀ ∇W with U the top left singular vectors
-            basis = _top_eigenvectors(weight @ weight.transpose(1, 2), self.rank)
+            basis = _top_eigenvectors(weight @ weight.transpose(1, 2), rank)
             stored = {"weight.left": basis, "weight.right": basis.transpose(1, 2) @ weight}
         else:  # ∇W ≈ ∇W V Vᵀ with V the top right singular vectors
-            basis = _top_eigenvectors(weight.transpose(1, 2) @ weight, self.rank)
+            basis = _top_eigenvectors(weight.transpose(1, 2) @ weight, rank)
             stored = {"weight.left": weight @ basis, "weight.right": basis.transpose(1, 2)}
         if bias is not None:
             stored["bias"] = bias
         return stored
 
     def layout(self, name: str, d_out: int, d_in: int, has_bias: bool) -> dict[str, int]:
-        if min(d_out, d_in) <= self.rank:
+        rank = self.rank_of(name)
+        if not rank:
+            return {}
+        if min(d_out, d_in) <= rank:
             return super().layout(name, d_out, d_in, has_bias)
-        factors = {"weight.left": 4 * d_out * self.rank, "weight.right": 4 * self.rank * d_in}
+        factors = {"weight.left": 4 * d_out * rank, "weight.right": 4 * rank * d_in}
         return factors | ({"bias": 4 * d_out} if has_bias else {})
 
     def query(self, name: str, weight: torch.Tensor, bias: torch.Tensor | None) -> Stored:
         return {"weight.full": weight} | ({} if bias is None else {"bias": bias})
 
     def scores(self, name: str, query: Stored, stored: Stored) -> torch.Tensor:
+        if not stored:  # a layer at rank 0
+            return torch.zeros(())
         weight = query["weight.full"]  # (Q, d_out, d_in)
         if "weight" in stored:  # stored exactly
             return super().scores(name, {"weight": weight.flatten(1)} | _bias(query), stored)
@@ -148,9 +162,12 @@ class SVDCompressor(Compressor):
 
 
 def _top_eigenvectors(gram: torch.Tensor, rank: int) -> torch.Tensor:
-    """The `rank` leading eigenvectors (batch, d, rank) of symmetric matrices, computed in fp64."""
+    """The `rank` leading eigenvectors (batch, d, rank) of symmetric matrices, computed in fp64, each signed so that
+    its largest entry is positive: the same stored factors however the examples were batched (several processes)."""
     _, vectors = torch.linalg.eigh(gram.to(torch.float64))
-    return vectors[..., -rank:].flip(-1).to(gram.dtype)
+    vectors = vectors[..., -rank:].flip(-1)
+    largest = vectors.gather(-2, vectors.abs().argmax(-2, keepdim=True))
+    return (vectors * largest.sign()).to(gram.dtype)
 
 
 def _bias(stored: Stored) -> Stored:
@@ -220,20 +237,27 @@ def bytes_per_example(compressor: Compressor, shapes: dict[str, tuple[int, int]]
     return sum(sum(compressor.layout(name, *shape, biases[name]).values()) for name, shape in shapes.items())
 
 
-def fit_to_budget(config: IndexConfig, shapes: dict[str, tuple[int, int]], biases: dict[str, bool]) -> IndexConfig:
+def fit_to_budget(
+    config: IndexConfig, shapes: dict[str, tuple[int, int]], biases: dict[str, bool], with_factors: bool
+) -> IndexConfig:
     """The config with the compression a byte budget (`config.max_bytes_per_example`) chooses: the exact
-    gradients when they fit, else 8-bit SVD at the largest rank whose bytes fit (layers no wider than the rank
-    are stored exactly). A config without a budget is kept."""
+    gradients when they fit; else, `with_factors`, 8-bit "eigenbasis" (its per-layer ranks are chosen from a sample
+    of gradients as the build starts: `eigenbasis_compression.py`), the best on the LDS benchmark at every budget;
+    else 8-bit SVD at the largest rank whose bytes fit (layers no wider than the rank are stored exactly).
+    A config without a budget is kept."""
     budget = config.max_bytes_per_example
     if budget is None:
         return config
     if bytes_per_example(Compressor(), shapes, biases) <= budget:
         return replace(config, compression="none", quantize_bits=None)
+    if with_factors:
+        return replace(config, compression="eigenbasis", quantize_bits=8)
     smallest = bytes_per_example(Quantized(SVDCompressor(1)), shapes, biases)
     if smallest > budget:
         raise ValueError(
             f"IndexConfig.max_bytes_per_example={budget} is below the smallest index of these {len(shapes)} layers "
-            f"({smallest} bytes per example at 8-bit rank 1): raise it, or index fewer layers (module_filter)."
+            f"({smallest} bytes per example at 8-bit rank 1): raise it, pass the factors (their eigenbasis "
+            "compression keeps only the layers that pay most), or index fewer layers (module_filter)."
         )
     rank = 1
     while rank < max(min(shape) for shape in shapes.values()):
@@ -243,10 +267,17 @@ def fit_to_budget(config: IndexConfig, shapes: dict[str, tuple[int, int]], biase
     return replace(config, compression="svd", rank=rank, quantize_bits=8)
 
 
-def make_compressor(config: IndexConfig, shapes: dict[str, tuple[int, int]]) -> Compressor:
-    """The compressor an index config names, for layers of weight shapes `shapes`."""
-    if config.compression == "projection":
-        compressor: Compressor = ProjectionCompressor(kronecker_projections(shapes, config.projection_dim, config.seed))
+def make_compressor(
+    config: IndexConfig, shapes: dict[str, tuple[int, int]], eigenbasis: Compressor | None = None
+) -> Compressor:
+    """The compressor an index config names, for layers of weight shapes `shapes` (for "eigenbasis", the index's
+    saved `EigenbasisCompressor`)."""
+    if config.compression == "eigenbasis":
+        if eigenbasis is None:
+            raise ValueError("compression='eigenbasis' needs the index's eigenbasis (its compression file).")
+        compressor = eigenbasis
+    elif config.compression == "projection":
+        compressor = ProjectionCompressor(kronecker_projections(shapes, config.projection_dim, config.seed))
     elif config.compression == "svd":
         compressor = SVDCompressor(config.rank)
     else:

@@ -286,3 +286,73 @@ def test_a_byte_budget_chooses_the_compression_and_is_met(setup, tmp_path):
         hfi.build_index(task, dataset, hfi.IndexConfig(max_bytes_per_example=10), output_dir=tmp_path / "tiny")
     with pytest.raises(ValueError, match="max_bytes_per_example chooses the compression"):
         hfi.IndexConfig(max_bytes_per_example=4000, compression="projection")
+
+
+def test_eigenbasis_index_at_full_rank_equals_the_exact_index(setup, tmp_path):
+    """The whitened eigenbasis compressor loses nothing at full rank, on EK-FAC and on K-FAC factors with a
+    truncated large layer (its activation complement included)."""
+    task, dataset, factors, queries, exact = setup
+    truncated = hfi.fit_factors(
+        task, dataset, hfi.FactorConfig(strategy="kfac", draws_per_example=4, max_factor_size=64, large_layer_rank=20)
+    )
+    assert any(truncated.layer(name).truncated for name in truncated.modules)
+    for fitted, reference in ((factors, exact), (truncated, None)):
+        if reference is None:
+            reference = hfi.pairwise_scores(
+                task, fitted, queries, dataset, draws_per_query=DRAWS, draws_per_example=DRAWS
+            )
+        config = hfi.IndexConfig(draws_per_example=DRAWS, compression="eigenbasis", rank=10**4, shard_size=16)
+        index = hfi.build_index(task, dataset, config, output_dir=tmp_path / fitted.strategy, factors=fitted)
+        scores = hfi.Attributor(task, fitted, index).attribute(queries).scores
+        torch.testing.assert_close(scores, reference, rtol=1e-4, atol=1e-4 * reference.abs().max().item())
+
+
+def test_a_byte_budget_with_factors_chooses_the_eigenbasis_and_is_met_as_recorded(setup, tmp_path):
+    task, dataset, factors, queries, exact = setup
+    budget = 12_000
+    config = hfi.IndexConfig(draws_per_example=DRAWS, max_bytes_per_example=budget)
+    index = hfi.build_index(task, dataset, config, output_dir=tmp_path / "a", factors=factors)
+    chosen = index.metadata.config
+    assert (chosen.compression, chosen.quantize_bits, chosen.max_bytes_per_example) == ("eigenbasis", 8, budget)
+    assert _stored_bytes_per_example(index) == index.metadata.bytes_per_example <= budget
+    assert index.metadata.bytes_per_example > 0.8 * budget  # the greedy allocation spends the budget
+    scores = hfi.Attributor(task, factors, index).attribute(queries, draws_per_query=DRAWS).scores
+    assert spearmanr(scores.flatten(), exact.flatten()).statistic > 0.95
+    # The index scores without the factors' files: its basis travels with it (copied, checksummed).
+    index.save_pretrained(tmp_path / "copy")
+    copy = hfi.GradientIndex.from_pretrained(tmp_path / "copy")
+    torch.testing.assert_close(hfi.Attributor(task, factors, copy).attribute(queries).scores, scores)
+    basis = tmp_path / "copy" / "compression.safetensors"
+    data = bytearray(basis.read_bytes())
+    data[-5] ^= 0xFF
+    basis.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=r"compression.safetensors.*checksum"):
+        hfi.GradientIndex.from_pretrained(tmp_path / "copy")
+    # It needs factors with an eigenbasis.
+    with pytest.raises(ValueError, match=r"needs the fitted factors: build_index\(\.\.\., factors=factors\)"):
+        hfi.build_index(task, dataset, hfi.IndexConfig(compression="eigenbasis"), output_dir=tmp_path / "none")
+    identity = hfi.fit_factors(task, dataset, hfi.FactorConfig(strategy="identity", draws_per_example=1))
+    with pytest.raises(ValueError, match="needs factors with an eigenbasis; these are 'identity' factors"):
+        hfi.build_index(task, dataset, config, output_dir=tmp_path / "identity", factors=identity)
+
+
+def test_an_interrupted_eigenbasis_build_resumes_to_the_plain_build(setup, tmp_path):
+    from conftest import Crash, crash_task_after
+
+    task, dataset, factors, *_ = setup
+    config = hfi.IndexConfig(draws_per_example=DRAWS, max_bytes_per_example=12_000, shard_size=8, batch_size=4)
+    plain = hfi.build_index(task, dataset, config, output_dir=tmp_path / "plain", factors=factors)
+    crashing = hfi.DiffusionTask(tiny_unet(), DDPMScheduler())
+    crash_task_after(crashing, 40)  # the rank sample (32 examples), then two shards
+    with pytest.raises(Crash):
+        hfi.build_index(crashing, dataset, config, output_dir=tmp_path / "resumed", factors=factors)
+    assert (tmp_path / "resumed" / "partial-00000.safetensors").is_file()
+    del crashing.run
+    resumed = hfi.build_index(crashing, dataset, config, output_dir=tmp_path / "resumed", factors=factors)
+    assert resumed.metadata == plain.metadata
+    for (ids_a, shard_a), (ids_b, shard_b) in zip(resumed.iter_shards(), plain.iter_shards(), strict=True):
+        assert torch.equal(ids_a, ids_b)
+        for module in shard_a:
+            assert shard_a[module].keys() == shard_b[module].keys()
+            for key in shard_a[module]:
+                torch.testing.assert_close(shard_a[module][key], shard_b[module][key])

@@ -26,8 +26,18 @@ from ..compression import Compressor, bytes_per_example, fit_to_budget, make_com
 from ..curvature.layers import find_layers, layer_kind
 from ..data import check_dataset
 from ..distributed import Ranks
+from ..eigenbasis_compression import (
+    BASIS_FILE,
+    EigenbasisCompressor,
+    WhitenedBasis,
+    basis_tensors,
+    choose_ranks,
+    compressor_from_tensors,
+    whitened_bases,
+)
 from ..engine import DrawPlan, dataset_batches
 from ..estimators import Estimator
+from ..factors import InfluenceFactors
 from ..files import atomic_write
 from ..gradients import per_example_gradients
 from ..hub import open_repo
@@ -51,6 +61,7 @@ def build_index(
     accelerator: Any = None,
     dataset_source: DatasetSource | None = None,
     overwrite: bool = False,
+    factors: InfluenceFactors | None = None,
 ) -> GradientIndex:
     """Compute every training example's loss gradient (K draws, the task's augmentation), compress
     it and write shards to `output_dir` (a temporary folder when None). Re-running with the same
@@ -60,12 +71,16 @@ def build_index(
     With an `accelerate.Accelerator` of several processes (and a shared `output_dir`), each rank
     indexes its part of the data and the main process merges the parts in example-id order.
     `dataset_source` records where the data came from (repo id, commit, split) in the index's config.
+    `factors` (K-FAC or EK-FAC, of this model) enable compression="eigenbasis", which a byte budget then chooses;
+    the index keeps what it needs of them (`eigenbasis_compression.py`) and scores without them.
     """
     config = config or IndexConfig()
     call = "build_index(task, dataset, config, output_dir)"
     check_type("task", task, DiffusionTask, call)
     check_dataset(dataset)
     check_type("config", config, IndexConfig, call)
+    if factors is not None:
+        check_type("factors", factors, InfluenceFactors, call)
     ranks = Ranks(accelerator)
     if output_dir is None and ranks.world > 1:
         raise ValueError("Building an index with several processes needs an output_dir that every process shares.")
@@ -73,20 +88,24 @@ def build_index(
     layers = find_layers(task.denoiser, config.module_filter)
     shapes = {name: tuple(layer_kind(module).weight_shape(module)) for name, module in layers.items()}
     biases = {name: module.bias is not None for name, module in layers.items()}
-    config = fit_to_budget(config, shapes, biases)  # the compression a byte budget chooses, recorded
-    compressor = make_compressor(config, shapes)
+    config = fit_to_budget(config, shapes, biases, factors is not None)  # what a byte budget chooses, recorded
+    bases = _whitened_bases(config, factors, layers)
     metadata = IndexMetadata(
         config=config,
         modules=tuple(layers),
         shapes=shapes,
-        examples_per_shard=_examples_per_shard(config, compressor, shapes, biases),
+        examples_per_shard=_examples_per_shard(config, shapes, biases, bases),
         model=task.provenance(),
         dataset=dataset_provenance(dataset, config.id_column, dataset_source),
         digest_columns=tuple(task.columns),
     )
     if ranks.is_main:
         _prepare_build(directory, metadata, ranks.world, overwrite)
+        if bases is not None and not (directory / BASIS_FILE).is_file():  # chosen once, kept on resume
+            _write_eigenbasis(directory / BASIS_FILE, task, dataset, layers, bases, config)
     ranks.barrier()
+    compressor = make_compressor(config, shapes, _read_eigenbasis(directory, metadata) if bases is not None else None)
+    metadata = replace(metadata, bytes_per_example=bytes_per_example(compressor, shapes, biases))  # as recorded
     prefix = "partial-" if ranks.world == 1 else f"partial-rank{ranks.rank:03d}-"
     shards = _partial_shards(directory, prefix)
     _index_part(task, ranks, ranks.split(dataset), layers, compressor, metadata, directory / prefix, shards)
@@ -141,16 +160,57 @@ def _index_part(
             shards.append(_write_shard(path, batch.ids, batch.digests, tensors, config))
 
 
+def _whitened_bases(
+    config: IndexConfig, factors: InfluenceFactors | None, layers: dict[str, Any]
+) -> dict[str, WhitenedBasis] | None:
+    """compression="eigenbasis": every indexed layer's basis from `factors` (None for other compressions)."""
+    if config.compression != "eigenbasis":
+        return None
+    if factors is None:
+        raise ValueError(
+            "compression='eigenbasis' needs the fitted factors: build_index(..., factors=factors) "
+            "(hf-influence build-index --factors DIR)."
+        )
+    missing = [name for name in layers if name not in factors.modules]
+    if missing:
+        raise ValueError(
+            f"The factors have no layer {missing[0]!r} of the {len(layers)} indexed: pass the factors fitted on this "
+            "model with the same module_filter."
+        )
+    return whitened_bases(factors, layers)
+
+
+def _write_eigenbasis(
+    path: Path, task: Any, dataset: Any, layers: dict[str, Any], bases: dict[str, WhitenedBasis], config: IndexConfig
+) -> None:
+    tensors = basis_tensors(choose_ranks(task, dataset, layers, bases, config))
+    atomic_write(path, lambda temp: save_file(tensors, temp))
+
+
+def _read_eigenbasis(directory: Path, metadata: IndexMetadata) -> EigenbasisCompressor:
+    return compressor_from_tensors(read_safetensors(directory / BASIS_FILE), list(metadata.modules))
+
+
 def _examples_per_shard(
-    config: IndexConfig, compressor: Compressor, shapes: dict[str, tuple[int, int]], biases: dict[str, bool]
+    config: IndexConfig,
+    shapes: dict[str, tuple[int, int]],
+    biases: dict[str, bool],
+    bases: dict[str, WhitenedBasis] | None,
 ) -> int:
     """`shard_size`, lowered so that a shard's tensors fit in `max_shard_bytes` (every example's entry has the
-    compressor's `layout`)."""
+    compressor's `layout`; for "eigenbasis", whose ranks are chosen later, the budget and rank-1 tensor names
+    bound it)."""
     if config.max_shard_bytes is None:
         return config.shard_size
+    if bases is None:
+        compressor = make_compressor(config, shapes)
+        per_example = 8 + bytes_per_example(compressor, shapes, biases)
+    else:
+        uniform = config.rank if config.max_bytes_per_example is None else 1
+        compressor = make_compressor(config, shapes, EigenbasisCompressor(bases, dict.fromkeys(bases, uniform)))
+        per_example = 8 + (config.max_bytes_per_example or bytes_per_example(compressor, shapes, biases))
     # Bytes per example (its id, then its tensors), and the header: a JSON entry of about 64 characters
     # (dtype, shape, offsets) plus the name, per tensor.
-    per_example = 8 + bytes_per_example(compressor, shapes, biases)
     header = 128 + sum(
         64 + len(f"{name}.{key}")
         for name, (d_out, d_in) in shapes.items()
@@ -276,6 +336,8 @@ def _finish(directory: Path, shards: list[ShardRecord], metadata: IndexMetadata)
     dataset = replace(metadata.dataset, digest=describe(count, combine(torch.cat(digests).tolist())))
     metadata = replace(metadata, num_examples=count, shards=tuple(final), dataset=dataset)
     files = {shard.file: FileRecord.of(directory / shard.file) for shard in final}
+    if metadata.config.compression == "eigenbasis":
+        files[BASIS_FILE] = FileRecord.of(directory / BASIS_FILE)
     index = GradientIndex(ArtifactFiles(open_repo(directory, GradientIndex.REPO_TYPE), files), metadata)
     index._write_description(directory, metadata, files)
     (directory / BUILD_STATE_NAME).unlink(missing_ok=True)

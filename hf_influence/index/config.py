@@ -23,9 +23,10 @@ class IndexConfig:
         draws_per_example: (t, ε) draws averaged into each training example's gradient (K); the paper uses 250.
         batch_size: draws per forward/backward pass.
         seed: seeds the draws (with each example's id) and the projections.
-        compression: "none" (exact), "svd" (rank `rank` per layer) or "projection" (Kronecker
-            Gaussian projection to `projection_dim` per side of each layer).
-        rank: the rank kept per layer and example by compression="svd".
+        compression: "none" (exact), "svd" (rank `rank` per layer), "projection" (Kronecker Gaussian
+            projection to `projection_dim` per side of each layer) or "eigenbasis" (SVD of each gradient whitened
+            in the factors' eigenbasis: `build_index(..., factors=...)`; per-layer ranks under a budget).
+        rank: the rank kept per layer and example by compression="svd" (and "eigenbasis" without a budget).
         projection_dim: the dimension each side of a layer is projected to by compression="projection".
         quantize_bits: 8 to quantise whatever is stored to 8 bits per value; None keeps fp32.
         shard_size: examples per shard (the unit of resumption and of streaming at query time).
@@ -34,8 +35,10 @@ class IndexConfig:
         module_filter: regex on layer names; must select the layers the factors were fitted on.
         id_column: the dataset column with stable integer ids (row positions when missing).
         max_bytes_per_example: a byte budget for one example's stored gradients: the build chooses the
-            compression that meets it (the exact gradients when they fit, else 8-bit SVD at the largest rank
-            that fits) and records it in `compression` / `rank` / `quantize_bits`; None uses those as given.
+            compression that meets it (the exact gradients when they fit; else, given factors, 8-bit "eigenbasis"
+            with per-layer ranks chosen from a sample of gradients, the best on the LDS benchmark; without
+            factors, 8-bit SVD at the largest rank that fits), records it in `compression` / `rank` /
+            `quantize_bits`, and the index's `bytes_per_example`; None uses those as given.
         estimator: how each example's draws are chosen (`estimators.py`): "common" random numbers (the
             default: the same draws for every example and query, the best of the options on the LDS benchmark
             at every draw count), "plain" Monte Carlo, or options joined by "+" ("stratified", "antithetic",
@@ -72,7 +75,7 @@ class IndexConfig:
             object.__setattr__(self, "max_bytes_per_example", budget)
             if self.compression == "projection":
                 raise ValueError(
-                    "IndexConfig.max_bytes_per_example chooses the compression (exact or 8-bit SVD): leave "
+                    "IndexConfig.max_bytes_per_example chooses the compression (exact, eigenbasis or SVD): leave "
                     "compression='projection' out, or drop the budget."
                 )
         check_regex("IndexConfig.module_filter", self.module_filter)
@@ -103,6 +106,8 @@ class IndexMetadata:
         shards: the shards in id order.
         digest_columns: the dataset columns each example's row digest covers (`row_digests.py`); empty for indices
             of format version 1, which stored no digests.
+        bytes_per_example: what one example's stored gradients take (the shards' tensors, ids and header apart);
+            None for indices built before it was recorded.
     """
 
     config: IndexConfig = field(metadata={"flatten": True})
@@ -114,6 +119,7 @@ class IndexMetadata:
     num_examples: int = 0
     shards: tuple[ShardRecord, ...] = ()
     digest_columns: tuple[str, ...] = ()
+    bytes_per_example: int | None = None
 
 
 def migrate_v1(config: dict[str, Any]) -> dict[str, Any]:

@@ -1,7 +1,9 @@
 """`GradientIndex`: a finished index, read one shard at a time (from a local folder or a Hub repo).
 
 The paper's "continual deployment" setting: the index holds raw training-loss gradients (not preconditioned),
-so one index serves any damping and refitted factors; queries are preconditioned. Shards
+so one index serves any damping and refitted factors; queries are preconditioned. (compression="eigenbasis"
+stores them whitened in the factors' eigenbasis, saved beside the shards as `compression.safetensors`: still any
+damping.) Shards
 `index-0000k-of-0000n.safetensors` hold a contiguous block of examples and their `ids`.
 """
 
@@ -18,6 +20,7 @@ import torch
 from ..artifacts import ArtifactFiles, ModelArtifact
 from ..cards import index_card
 from ..compression import Compressor, Stored, make_compressor
+from ..eigenbasis_compression import BASIS_FILE, compressor_from_tensors
 from ..files import atomic_write
 from ..row_digests import check_rows
 from ..tensor_files import read_safetensors
@@ -34,7 +37,7 @@ class GradientIndex(ModelArtifact):
     REPO_TYPE = "dataset"
     DESCRIPTION = "gradient index"
     METADATA = IndexMetadata
-    DATA_FILES = (SHARD_PATTERN,)
+    DATA_FILES = (SHARD_PATTERN, BASIS_FILE)
     MIGRATIONS: ClassVar[dict] = {1: migrate_v1}
 
     def __init__(self, files: ArtifactFiles, metadata: IndexMetadata) -> None:
@@ -42,8 +45,10 @@ class GradientIndex(ModelArtifact):
         self.metadata = metadata
         self._digests: torch.Tensor | None = None
         shapes = {name: tuple(shape) for name, shape in metadata.shapes.items()}
-        config = metadata.config
-        self.compressor: Compressor = make_compressor(config, shapes)
+        eigenbasis = None
+        if metadata.config.compression == "eigenbasis":
+            eigenbasis = compressor_from_tensors(read_safetensors(files.path(BASIS_FILE)), self.modules)
+        self.compressor: Compressor = make_compressor(metadata.config, shapes, eigenbasis)
 
     def __len__(self) -> int:
         return self.metadata.num_examples
@@ -77,6 +82,8 @@ class GradientIndex(ModelArtifact):
     def _write_data(self, directory: Path, staging: bool = False) -> tuple[list[str], IndexMetadata]:
         """Copy the shards (link them into a staging folder for upload: they can be large)."""
         names = [shard.file for shard in self.metadata.shards]
+        if self.config.compression == "eigenbasis":
+            names.append(BASIS_FILE)
         if directory.resolve() != self.directory.resolve():
             for name in names:
                 source = self.files.path(name, verify=False).resolve()
