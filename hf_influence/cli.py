@@ -565,6 +565,9 @@ def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--index-rank", type=int, default=8, help="rank per layer for --index-compression svd")
     parser.add_argument("--index-projection-dim", type=int, default=16, help="side for --index-compression projection")
     parser.add_argument("--index-quantize-bits", type=int, choices=(8,), help="8-bit index entries")
+    parser.add_argument(
+        "--index-max-bytes-per-example", type=int, help="an index byte budget (chooses the compression, as build-index)"
+    )
     parser.add_argument("--all-layers", action="store_true", help="print every layer (default: the 12 largest)")
     parser.add_argument("--json", action="store_true", help="print the totals as JSON instead of a table")
     add_config_options(parser, FactorConfig)
@@ -583,6 +586,7 @@ def run_plan(args: argparse.Namespace) -> None:
         projection_dim=args.index_projection_dim,
         quantize_bits=args.index_quantize_bits,
         module_filter=factor_config.module_filter,
+        max_bytes_per_example=args.index_max_bytes_per_example,
     )
     result = plan(
         args.preset or args.pipeline,

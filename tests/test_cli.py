@@ -65,6 +65,17 @@ def test_factors_and_index_load(workspace: dict[str, Path]) -> None:
     assert index.config.draws_per_example == 2
 
 
+def test_build_index_under_a_byte_budget_with_factors(workspace: dict[str, Path], tmp_path: Path) -> None:
+    data = ["--pipeline", str(workspace["pipeline"]), "--dataset", str(workspace["dataset"])]
+    done = run(
+        "hf-influence", "build-index", *data, *INDEX_OPTIONS, "--output-dir", str(tmp_path),
+        *("--factors", str(workspace["factors"]), "--max-bytes-per-example", "8000"),
+    )  # fmt: skip
+    index = hfi.GradientIndex.from_pretrained(tmp_path)
+    assert index.config.compression == "eigenbasis" and index.metadata.bytes_per_example <= 8000
+    assert f"(eigenbasis, {index.metadata.bytes_per_example} bytes each)" in done.stdout
+
+
 def test_attribute_matches_the_library(workspace: dict[str, Path], tmp_path: Path) -> None:
     dataset = load_training_dataset(str(workspace["dataset"]))
     query_file = tmp_path / "query.png"

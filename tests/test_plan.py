@@ -175,3 +175,19 @@ def test_cli_plan_prints_json_and_refuses_with_options(capsys) -> None:
         main(["plan", "--preset", "sd15", "--batch-size", "8", "--memory-gb", "45", "--max-factor-size", "4096"])
     main(["plan", "--preset", "sd15", "--batch-size", "8", "--memory-gb", "80", "--no-keep-covariances"])
     assert "Fits in 80 GB" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("budget", [4096, 16384, 65536])
+def test_an_index_budget_is_planned_as_the_eigenbasis_build_chooses_it(budget: int) -> None:
+    """Under a byte budget (given factors, the build's choice) the planned entry fits it; the basis file the index
+    keeps is Q_G, Q_A, the whitening scales and the bias scales of every layer in fp32, summed here from the
+    model's own weights."""
+    result = hfi.plan("sd15", index_config=hfi.IndexConfig(max_bytes_per_example=budget))
+    assert result.index_config.compression == "eigenbasis"
+    assert 0.9 * budget <= result.index_bytes_per_example - 8 <= budget  # its int64 id apart
+    expected = sum(
+        4 * (d_out * d_out + d_in * d_in + d_out * d_in + d_out * has_bias)
+        for d_out, d_in, has_bias in weight_shapes(meta_model("sd15"))
+    )
+    assert result.summary()["eigenbasis_file_bytes"] == expected
+    assert f"budget {budget} bytes" in str(result)

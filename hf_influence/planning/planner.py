@@ -10,12 +10,14 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from torch import nn
 
-from ..compression import Compressor, make_compressor
+from ..compression import Compressor, fit_to_budget, make_compressor
 from ..curvature.large_layers import activation_rank
 from ..curvature.layers import LORA_ONLY, find_layers, layer_kind
 from ..curvature.partitions import balanced_groups
+from ..eigenbasis_compression import EigenbasisCompressor, WhitenedBasis, allocate_ranks
 from ..factors import STORAGE_DTYPES, FactorConfig
 from ..index import IndexConfig
 from .inputs import meta_inputs
@@ -100,11 +102,18 @@ class Plan:
         config, index = self.factor_config, self.index_config
         selected = [layer for layer in self.model_layers if layer.name in self.selected]
         shapes = {layer.name: (layer.d_out, layer.d_in) for layer in selected}
-        compressor = make_compressor(index, shapes)
+        selected = [
+            dataclasses.replace(
+                layer, activation_rank=activation_rank(layer.d_in, config.max_factor_size, config.large_layer_rank)
+            )
+            for layer in selected
+        ]
+        # A budget's choice given the factors (the build's too, when it is passed them).
+        index = fit_to_budget(index, shapes, {layer.name: layer.bias for layer in selected}, with_factors=True)
+        self.index_config = index
+        compressor = make_compressor(index, shapes, planned_eigenbasis(selected, index))
         self.layers = []
         for layer in selected:
-            rank = activation_rank(layer.d_in, config.max_factor_size, config.large_layer_rank)
-            layer = dataclasses.replace(layer, activation_rank=rank)
             layer.bytes = self._stored_bytes(layer, compressor)
             self.layers.append(layer)
 
@@ -144,6 +153,16 @@ class Plan:
     def index_bytes_per_example(self) -> int:
         """One example's index entry, with its int64 id."""
         return self.totals()["index_per_example"] + 8
+
+    @property
+    def eigenbasis_file_bytes(self) -> int:
+        """compression="eigenbasis": the basis file the index keeps (fp32 Q_G, Q_A, whitening scales); else 0."""
+        if self.index_config.compression != "eigenbasis":
+            return 0
+        return sum(
+            4 * (layer.d_out**2 + layer.d_in * layer.activation_rank + layer.d_out * (_width(layer) + layer.bias))
+            for layer in self.layers
+        )
 
     @property
     def parameter_bytes(self) -> int:
@@ -314,6 +333,8 @@ class Plan:
             "bytes": self.totals(),
             "factor_bytes": self.factor_bytes,
             "index_bytes_per_example": self.index_bytes_per_example,
+            "index_compression": self.index_config.compression,
+            "eigenbasis_file_bytes": self.eigenbasis_file_bytes,
             "fitting_memory_bytes": self.fitting_memory_bytes,
             "scoring_memory_bytes": self.scoring_memory_bytes,
             "draws_per_second_estimate": self.draws_per_second,
@@ -340,6 +361,18 @@ class Plan:
         )
         return "\n".join(rows)
 
+    def _index_note(self) -> str:
+        index = self.index_config
+        if index.compression == "eigenbasis":
+            note = f"8-bit eigenbasis, basis file {_gb(self.eigenbasis_file_bytes)}"
+        elif index.compression == "svd":
+            note = f"SVD rank {index.rank}" + (", 8-bit" if index.quantize_bits else "")
+        elif index.compression == "projection":
+            note = f"projection {index.projection_dim}" + (", 8-bit" if index.quantize_bits else "")
+        else:
+            note = "exact"
+        return note + (f", budget {index.max_bytes_per_example} bytes" if index.max_bytes_per_example else "")
+
     def __str__(self) -> str:
         config = self.factor_config
         headline = (
@@ -348,12 +381,38 @@ class Plan:
             f"eigenvectors in {self.eigenvector_dtype}"
         )
         costs = [
-            f"stored factors: {_gb(self.factor_bytes)}; index: {_gb(self.index_bytes_per_example)} per example",
+            f"stored factors: {_gb(self.factor_bytes)}; index: {_gb(self.index_bytes_per_example)} per example "
+            f"({self._index_note()})",
             f"device memory: fitting {_gb(self.fitting_memory_bytes)} (batch {config.batch_size}), "
             f"scoring {_gb(self.scoring_memory_bytes)}",
             f"speed class: {self.draws_per_second_class} ({self.throughput_note})",
         ]
         return "\n".join([headline, "", self.to_table(max_rows=12), "", *costs])
+
+
+def planned_eigenbasis(layers: list[LayerPlan], index: IndexConfig) -> EigenbasisCompressor | None:
+    """compression="eigenbasis" without any data: shape-only bases (meta tensors) at `index.rank`, or, under a
+    budget, ranks allocated on a flat spectrum (the build allocates on a sample of real gradients instead)."""
+    if index.compression != "eigenbasis":
+        return None
+    bases = {
+        layer.name: WhitenedBasis(
+            gradient_eigenvectors=torch.empty(layer.d_out, layer.d_out, device="meta"),
+            activation_eigenvectors=torch.empty(layer.d_in, layer.activation_rank, device="meta"),
+            weight_scales=torch.empty(layer.d_out, _width(layer), device="meta"),
+            bias_scales=torch.empty(layer.d_out, device="meta") if layer.bias else None,
+        )
+        for layer in layers
+    }
+    if index.max_bytes_per_example is None:
+        return EigenbasisCompressor(bases, dict.fromkeys(bases, index.rank))
+    flat = {layer.name: (torch.ones(min(layer.d_out, _width(layer))), 0.0) for layer in layers}
+    return EigenbasisCompressor(bases, allocate_ranks(bases, flat, index.max_bytes_per_example))
+
+
+def _width(layer: LayerPlan) -> int:
+    """The rotated weight's width: Q_A's columns, and the activation complement of a truncated layer."""
+    return layer.activation_rank + (layer.d_in if layer.activation_rank < layer.d_in else 0)
 
 
 def plan(
