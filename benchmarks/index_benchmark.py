@@ -14,7 +14,9 @@ import argparse
 import json
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -24,8 +26,10 @@ from safetensors.torch import save_file
 from scipy.stats import spearmanr
 
 import hf_influence as hfi
-from hf_influence.compression import make_compressor
+from hf_influence.compression import bytes_per_example, fit_to_budget, make_compressor
+from hf_influence.curvature.layers import find_layers
 from hf_influence.data import mnist_demo_dataset as mnist_dataset
+from hf_influence.eigenbasis_compression import BASIS_FILE, basis_tensors, choose_ranks, whitened_bases
 from hf_influence.index import GradientIndex, IndexMetadata
 from hf_influence.index.builder import _finish, _shard_record
 
@@ -34,6 +38,7 @@ COMPRESSIONS = {
     "projection-32+8bit": dict(compression="projection", projection_dim=32, quantize_bits=8),
     "svd-1+8bit": dict(compression="svd", rank=1, quantize_bits=8),
     "svd-2+8bit": dict(compression="svd", rank=2, quantize_bits=8),
+    "eigenbasis-16KB": dict(max_bytes_per_example=16384),  # with the factors: 8-bit eigenbasis, ranks from a sample
 }
 
 
@@ -67,6 +72,7 @@ def real_index(args: argparse.Namespace, workdir: Path) -> dict:
             train,
             hfi.IndexConfig(draws_per_example=args.draws, shard_size=1024, **options),
             output_dir=workdir / label,
+            factors=factors,
         )
         build = time.perf_counter() - start
         attributor = hfi.Attributor(task, factors, index)
@@ -91,6 +97,10 @@ def real_index(args: argparse.Namespace, workdir: Path) -> dict:
     return results
 
 
+def _biases(factors: hfi.InfluenceFactors) -> dict[str, bool]:
+    return {name: f"{name}.bias_eigenvalues" in factors.tensors for name in factors.modules}
+
+
 def _random_queries(factors: hfi.InfluenceFactors, count: int = 1) -> dict:
     queries = {}
     for name, (d_out, d_in) in factors.metadata.shapes.items():
@@ -99,11 +109,20 @@ def _random_queries(factors: hfi.InfluenceFactors, count: int = 1) -> dict:
     return queries
 
 
-def synthetic_search(args: argparse.Namespace, workdir: Path, factors: hfi.InfluenceFactors) -> dict:
-    """Search time over `args.synthetic` examples of random projected gradients, in the real format."""
+def synthetic_search(
+    args: argparse.Namespace, workdir: Path, factors: hfi.InfluenceFactors, task: hfi.DiffusionTask, sample: Any
+) -> dict:
+    """Search time over `args.synthetic` examples of random compressed gradients, in the real format (the
+    eigenbasis's ranks allocated on `sample` as a build would)."""
     config = hfi.IndexConfig(
         draws_per_example=1, shard_size=args.synthetic_shard, **COMPRESSIONS[args.synthetic_compression]
     )
+    config = fit_to_budget(config, factors.metadata.shapes, _biases(factors), with_factors=True)
+    eigenbasis = None
+    if config.compression == "eigenbasis":
+        layers = find_layers(task.denoiser, config.module_filter)
+        eigenbasis = choose_ranks(task, sample, layers, whitened_bases(factors, layers), config)
+        save_file(basis_tensors(eigenbasis), str(workdir / BASIS_FILE))
     metadata = IndexMetadata(
         config=config,
         modules=tuple(factors.modules),
@@ -112,14 +131,14 @@ def synthetic_search(args: argparse.Namespace, workdir: Path, factors: hfi.Influ
         model=factors.metadata.model,
         dataset=hfi.DatasetSource(repo_id="synthetic"),
     )
-    compressor = make_compressor(config, factors.metadata.shapes)
+    compressor = make_compressor(config, factors.metadata.shapes, eigenbasis)
     shards = []
     for number, start in enumerate(range(0, args.synthetic, args.synthetic_shard)):
         count = min(args.synthetic_shard, args.synthetic - start)
         content = {"ids": torch.arange(start, start + count), "digests": torch.zeros(count, dtype=torch.int64)}
         for name, (d_out, d_in) in factors.metadata.shapes.items():
             # Random gradients already in the compressor's linear image (a projection's k_out × k_in).
-            has_bias = f"{name}.bias_eigenvalues" in factors.tensors
+            has_bias = _biases(factors)[name]
             weight, bias = compressor.transform(name, torch.ones(1, d_out, d_in), torch.ones(1, d_out))
             weight = torch.randn(count, *weight.shape[1:])
             bias = torch.randn(count, bias.shape[1]) if has_bias else None
@@ -127,6 +146,7 @@ def synthetic_search(args: argparse.Namespace, workdir: Path, factors: hfi.Influ
         path = workdir / f"partial-{number:05d}.safetensors"
         save_file(content, str(path))
         shards.append(_shard_record(path))
+    metadata = replace(metadata, bytes_per_example=bytes_per_example(compressor, metadata.shapes, _biases(factors)))
     _finish(workdir, shards, metadata)  # the library's own last step: final shard names, card, config.json
     index = GradientIndex.from_pretrained(workdir)
     queries = {name: compressor.query(name, *grad) for name, grad in _random_queries(factors).items()}
@@ -156,21 +176,21 @@ def main() -> None:
     parser.add_argument("--query-draws", type=int, nargs="+", default=[1, 16, 64], help="K' for the latency")
     parser.add_argument("--synthetic", type=int, default=1_000_000)
     parser.add_argument("--synthetic-shard", type=int, default=16384)
-    parser.add_argument("--synthetic-compression", default="projection-8+8bit", choices=sorted(COMPRESSIONS))
+    parser.add_argument("--synthetic-compression", default="eigenbasis-16KB", choices=sorted(COMPRESSIONS))
+    parser.add_argument("--skip-real", action="store_true", help="only the synthetic search")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default="benchmarks/results/index_benchmark.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory(prefix="hfi_index_bench_") as tmp:
         workdir = Path(tmp)
-        results = {"args": vars(args), "real": real_index(args, workdir)}
-        factors = hfi.fit_factors(
-            hfi.DiffusionTask(benchmark_unet(), DDPMScheduler()),
-            mnist_dataset(8, 32),
-            hfi.FactorConfig(draws_per_example=1),
-        )
+        results = {"args": vars(args)}
+        if not args.skip_real:
+            results["real"] = real_index(args, workdir)
+        task, sample = hfi.DiffusionTask(benchmark_unet(), DDPMScheduler()), mnist_dataset(32, 32)
+        factors = hfi.fit_factors(task, sample, hfi.FactorConfig(draws_per_example=1))
         (workdir / "synthetic").mkdir()
-        results["synthetic"] = synthetic_search(args, workdir / "synthetic", factors)
+        results["synthetic"] = synthetic_search(args, workdir / "synthetic", factors, task, sample)
         print("synthetic", json.dumps(results["synthetic"]), flush=True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=2))

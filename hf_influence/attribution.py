@@ -137,12 +137,21 @@ class AttributionResult:
 
 
 def rows_by_id(dataset: Any, ids: list[int], id_column: str = "id") -> list[dict]:
-    """Fetch rows by their id (a direct lookup for map-style datasets, one pass for streams)."""
+    """Fetch rows by their id: for map-style datasets by position where the ids are row positions (the usual
+    case: no pass over the data), else through one pass over the id column; one pass for streams."""
     wanted = set(ids)
     if hasattr(dataset, "select") and hasattr(dataset, "column_names"):
-        column = dataset[id_column] if id_column in dataset.column_names else list(range(len(dataset)))
-        positions = {example_id: position for position, example_id in enumerate(column) if example_id in wanted}
-        found = {example_id: dataset[position] for example_id, position in positions.items()}
+        has_ids = id_column in dataset.column_names
+        found = {}
+        for example_id in wanted:
+            if isinstance(example_id, int) and 0 <= example_id < len(dataset):
+                row = dataset[example_id]
+                if not has_ids or row[id_column] == example_id:
+                    found[example_id] = row
+        if len(found) < len(wanted) and has_ids:  # ids that are not row positions: look them up in the column
+            rest = wanted - set(found)
+            positions = {example_id: p for p, example_id in enumerate(dataset[id_column]) if example_id in rest}
+            found |= {example_id: dataset[position] for example_id, position in positions.items()}
     else:
         found = {}
         for position, row in enumerate(dataset):

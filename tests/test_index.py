@@ -356,3 +356,18 @@ def test_an_interrupted_eigenbasis_build_resumes_to_the_plain_build(setup, tmp_p
             assert shard_a[module].keys() == shard_b[module].keys()
             for key in shard_a[module]:
                 torch.testing.assert_close(shard_a[module][key], shard_b[module][key])
+
+
+def test_rows_are_fetched_by_id_whether_or_not_ids_are_row_positions():
+    from hf_influence.attribution import rows_by_id
+
+    dataset = mnist_dataset(12, 8)
+    assert [row["id"] for row in rows_by_id(dataset, [7, 0, 11])] == [7, 0, 11]  # ids are row positions
+    shifted = dataset.map(lambda row: {"id": row["id"] + 5})  # id 5 is at position 0, position 5 holds id 10
+    rows = rows_by_id(shifted, [5, 16, 10])
+    assert [row["id"] for row in rows] == [5, 16, 10]
+    assert rows[0]["image"].tobytes() == dataset[0]["image"].tobytes()
+    positional = dataset.remove_columns("id")  # no id column: ids are row positions
+    assert rows_by_id(positional, [3])[0]["image"].tobytes() == dataset[3]["image"].tobytes()
+    with pytest.raises(KeyError, match=r"Ids \[40\] are not in the dataset"):
+        rows_by_id(shifted, [40])
