@@ -133,16 +133,21 @@ def synthetic_search(
     )
     compressor = make_compressor(config, factors.metadata.shapes, eigenbasis)
     shards = []
+    # Each layer's stored tensors for two random gradients (in the compressor's linear image): their shapes and
+    # dtypes, filled below with random values for every synthetic example (the search time does not depend on them).
+    templates = {}
+    for name, (d_out, d_in) in factors.metadata.shapes.items():
+        weight, bias = compressor.transform(name, torch.randn(2, d_out, d_in), torch.randn(2, d_out))
+        stored = compressor.encode(name, weight, bias if _biases(factors)[name] else None)
+        templates |= {f"{name}.{key}": value for key, value in stored.items()}
     for number, start in enumerate(range(0, args.synthetic, args.synthetic_shard)):
         count = min(args.synthetic_shard, args.synthetic - start)
         content = {"ids": torch.arange(start, start + count), "digests": torch.zeros(count, dtype=torch.int64)}
-        for name, (d_out, d_in) in factors.metadata.shapes.items():
-            # Random gradients already in the compressor's linear image (a projection's k_out × k_in).
-            has_bias = _biases(factors)[name]
-            weight, bias = compressor.transform(name, torch.ones(1, d_out, d_in), torch.ones(1, d_out))
-            weight = torch.randn(count, *weight.shape[1:])
-            bias = torch.randn(count, bias.shape[1]) if has_bias else None
-            content |= {f"{name}.{key}": value for key, value in compressor.encode(name, weight, bias).items()}
+        for key, value in templates.items():
+            shape = (count, *value.shape[1:])
+            content[key] = (
+                torch.randint(0, 256, shape, dtype=torch.uint8) if value.dtype == torch.uint8 else torch.randn(shape)
+            )
         path = workdir / f"partial-{number:05d}.safetensors"
         save_file(content, str(path))
         shards.append(_shard_record(path))
