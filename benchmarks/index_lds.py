@@ -27,7 +27,6 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import lds_draws
-import lds_mnist
 
 RESULTS = Path(__file__).resolve().parent / "results"
 BUDGETS = [4096, 16384, 32768, 65536]
@@ -195,19 +194,11 @@ def plot(table: dict[str, Any], path: Path) -> None:
 def main() -> None:
     args = parse_args()
     torch.set_num_threads(1)
-    from safetensors.torch import load_file
-
     from hf_influence.compression import Compressor, bytes_per_example
     from hf_influence.curvature.layers import find_layers, layer_kind
-    from hf_influence.evaluation import GroundTruth
-    from hf_influence.evaluation.ground_truth import load_model_task
 
     workdir = Path(args.workdir)
-    benchmark = lds_mnist.parse_args(["--workdir", args.workdir])
-    ground_truth = GroundTruth.from_pretrained(lds_draws.GROUND_TRUTH)
-    samples = load_file(str(workdir / "queries.safetensors"))["queries"]
-    dataset = lds_mnist.digits(benchmark)
-    task = load_model_task(workdir / "full")
+    ground_truth, samples, dataset, task = lds_draws.benchmark_inputs(workdir)
     factors = lds_draws.ekfac_factors(task, dataset, workdir)
     layers = find_layers(task.denoiser)
     shapes = {name: tuple(layer_kind(module).weight_shape(module)) for name, module in layers.items()}

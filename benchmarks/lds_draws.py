@@ -80,6 +80,22 @@ class ScoreCache:
         return scores
 
 
+def benchmark_inputs(workdir: Path) -> tuple[Any, torch.Tensor, Any, Any]:
+    """The committed ground truth, its queries, the 1000 training digits and the full model's task (from
+    lds_mnist.py's `workdir`, whose queries must be the ground truth's)."""
+    from safetensors.torch import load_file
+
+    from hf_influence.evaluation import GroundTruth
+    from hf_influence.evaluation.ground_truth import load_model_task
+
+    ground_truth = GroundTruth.from_pretrained(GROUND_TRUTH)
+    samples = load_file(str(workdir / "queries.safetensors"))["queries"]
+    if not torch.equal(samples, ground_truth.queries):
+        raise SystemExit(f"{workdir}'s queries are not the ground truth's: run lds_mnist.py with its settings.")
+    dataset = lds_mnist.digits(lds_mnist.parse_args(["--workdir", str(workdir)]))
+    return ground_truth, samples, dataset, load_model_task(workdir / "full")
+
+
 def ekfac_factors(task: Any, dataset: Any, workdir: Path) -> Any:
     """EK-FAC expand factors with 8 plain draws per example (shared with lds_mnist.py's cache)."""
     import hf_influence as hfi
@@ -214,20 +230,11 @@ def plot(summary: dict[str, Any], path: Path) -> None:
 def main() -> None:
     args = parse_args()
     torch.set_num_threads(1)
-    from safetensors.torch import load_file
 
     from hf_influence.baselines import pixel_similarity_scores
-    from hf_influence.evaluation import GroundTruth
-    from hf_influence.evaluation.ground_truth import load_model_task
 
     workdir = Path(args.workdir)
-    benchmark = lds_mnist.parse_args(["--workdir", args.workdir])
-    ground_truth = GroundTruth.from_pretrained(GROUND_TRUTH)
-    samples = load_file(str(workdir / "queries.safetensors"))["queries"]
-    if not torch.equal(samples, ground_truth.queries):
-        raise SystemExit(f"{workdir}'s queries are not the ground truth's: run lds_mnist.py with its settings.")
-    dataset = lds_mnist.digits(benchmark)
-    task = load_model_task(workdir / "full")
+    ground_truth, samples, dataset, task = benchmark_inputs(workdir)
     cache = ScoreCache(workdir / "draws", args.summary_only)
     factors = None if args.summary_only else ekfac_factors(task, dataset, workdir)
 
