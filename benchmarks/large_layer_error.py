@@ -7,14 +7,20 @@
    the share of tr A kept by the leading k directions, and the relative error of the damped K-FAC inverse
    `(G ⊗ Â + λI)⁻¹ v` against `(G ⊗ A + λI)⁻¹ v` on the layer's per-example training gradients, at the
    library's default damping and at a damping of 1e-3 × the mean eigenvalue.
+   The same errors with the leading eigenpairs found by the randomized solver (`large_layer_solver=
+   "randomized"`) instead of the full eigendecomposition.
 2. Scores on the tiny test UNet (`tests/conftest.py`'s shape, 8 × 8 digits): EK-FAC pairwise scores of 8
    queries against 64 training digits with every activation factor over 64 truncated to k, against the exact
    fit's scores (Pearson, Spearman, and the overlap of each query's top-5 proponents).
+3. The cost of the two solvers on synthetic factors of SD-1.5's wide sizes (4608, 11 520; k = 1024, fp32
+   covariance, 2 threads): seconds and the peak memory each adds, in a fresh process per run.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import sys
 import time
 from dataclasses import replace
@@ -27,7 +33,7 @@ from scipy.stats import pearsonr, spearmanr
 
 import hf_influence as hfi
 from hf_influence.attribution import DEFAULT_DAMPING
-from hf_influence.curvature.eigen import eigendecompose
+from hf_influence.curvature.eigen import eigendecompose, leading_eigenpairs
 from hf_influence.curvature.large_layers import truncate
 from hf_influence.curvature.layer_factors import LayerFactors
 from hf_influence.curvature.strategies import get_strategy
@@ -80,11 +86,47 @@ def mid_sized_layer() -> dict:
             "trace_share_kept": (top.sum() / values.sum()).item(),
             "eigenvector_bytes_ratio": rank / d_in,
         }
+        randomized = leading_eigenpairs(activation, rank)
+        randomized_layer = replace(
+            truncated,
+            activation_eigenvectors=randomized.vectors,
+            activation_eigenvalues=randomized.values,
+            activation_residual_eigenvalue=randomized.residual,
+        )
         for label, damping in dampings.items():
-            ours = kfac.precondition(truncated, weight, bias, damping)[0]
-            row[f"inverse_relative_error ({label})"] = ((ours - exact[label]).norm() / exact[label].norm()).item()
+            for solver, approximated in (("", truncated), (", randomized solver", randomized_layer)):
+                ours = kfac.precondition(approximated, weight, bias, damping)[0]
+                error = ((ours - exact[label]).norm() / exact[label].norm()).item()
+                row[f"inverse_relative_error ({label}{solver})"] = error
         rows.append(row)
     return {"layer": name, "shape": factors.metadata.shapes[name], "dampings": dampings, "rows": rows}
+
+
+def solver_cost(size: int, rank: int, solver: str) -> dict:
+    """Seconds and peak resident memory of one truncated decomposition of a size × size factor (a fresh process
+    each, so the peaks do not mix); the factor has the decaying spectrum of a real activation covariance."""
+    script = f"""
+import json, time, torch
+from hf_influence.curvature.eigen import decompose
+torch.set_num_threads(2)
+generator = torch.Generator().manual_seed(0)
+factor = torch.zeros({size}, {size})
+for _ in range(8):  # in blocks, so that the peak before the decomposition is the factor's
+    features = torch.randn({size}, 256, generator=generator) * torch.logspace(0, -4, {size})[:, None]
+    factor.addmm_(features, features.T, alpha=1 / 2048)
+del features
+def status(key):  # kB, from /proc/self/status
+    return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith(key + ":"))
+open("/proc/self/clear_refs", "w").write("5")  # resets the peak (VmHWM) to the current resident size
+before = status("VmRSS")
+start = time.perf_counter()
+decompose(factor, {rank}, {solver!r})
+seconds = time.perf_counter() - start
+print(json.dumps({{"seconds": seconds, "extra_peak_rss_bytes": 1024 * (status("VmHWM") - before)}}))
+"""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(RESULTS.parents[2]), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True, env=env)
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def tiny_unet() -> UNet2DModel:
@@ -138,6 +180,11 @@ def main() -> None:
         "command": " ".join(["python benchmarks/large_layer_error.py", *sys.argv[1:]]),
         "mid_sized_layer": mid_sized_layer(),
         "tiny_unet_scores": tiny_unet_scores(),
+        "solver_cost": [
+            {"size": size, "rank": 1024, "solver": solver, **solver_cost(size, 1024, solver)}
+            for size in (4608, 11520)
+            for solver in ("eigh", "randomized")
+        ],
     }
     result["seconds"] = time.perf_counter() - start
     RESULTS.parent.mkdir(parents=True, exist_ok=True)

@@ -38,6 +38,7 @@ WEIGHTS_PATTERN = "factors{suffix}.safetensors"
 WEIGHTS_INDEX_NAME = "factors.safetensors.index.json"
 DEFAULT_MAX_SHARD_SIZE = "5GB"
 FACTOR_DTYPES = ("float32", "float64")
+LARGE_LAYER_SOLVERS = ("eigh", "randomized")
 STORAGE_DTYPES = ("float32", "float64", "bfloat16", "float16")
 
 
@@ -66,6 +67,9 @@ class FactorConfig:
             of the discarded eigenvalues (see `curvature/large_layers.py`); None (default) keeps every factor
             exact.
         large_layer_rank: the eigenvectors kept for the activation factor of a layer over max_factor_size.
+        large_layer_solver: how those are found: "eigh" (the full fp64 eigendecomposition, then the leading pairs)
+            or "randomized" (randomized subspace iteration: never forms the d_in × d_in eigenvector matrix;
+            `curvature/eigen.py`).
         module_partitions: fit the layers in this many groups (balanced by factor bytes), one group per pass
             over the data, so the covariances held at once are those of the largest group: peak memory for
             time. The factors are the same for any number of partitions (every draw is seeded by its example).
@@ -83,6 +87,7 @@ class FactorConfig:
     id_column: str = "id"
     max_factor_size: int | None = None
     large_layer_rank: int = 1024
+    large_layer_solver: str = "eigh"
     module_partitions: int = 1
 
     def __post_init__(self) -> None:
@@ -91,6 +96,7 @@ class FactorConfig:
         check_choice("FactorConfig.ggn", self.ggn, GGN_KINDS)
         check_choice("FactorConfig.output_curvature", self.output_curvature, OUTPUT_CURVATURES)
         check_choice("FactorConfig.dtype", self.dtype, FACTOR_DTYPES)
+        check_choice("FactorConfig.large_layer_solver", self.large_layer_solver, LARGE_LAYER_SOLVERS)
         for name in ("draws_per_example", "batch_size", "large_layer_rank", "module_partitions"):
             object.__setattr__(self, name, check_int(f"FactorConfig.{name}", getattr(self, name), minimum=1))
         object.__setattr__(self, "seed", check_int("FactorConfig.seed", self.seed))

@@ -175,7 +175,7 @@ class _Fit:
         """The `rank` leading eigenpairs of `matrix`, computed by the `owner` rank only, then sent to every rank."""
         ranks, size = self.ranks, len(matrix)
         if ranks.rank == owner:
-            pairs = decompose(matrix, rank)
+            pairs = decompose(matrix, rank, self.config.large_layer_solver)
         else:
             residual = matrix.new_empty(1) if rank < size else None
             pairs = Eigenpairs(matrix.new_empty(rank), matrix.new_empty(size, rank), residual)

@@ -3,6 +3,8 @@ remainder as a scaled identity, checked against dense matrices and against exact
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from accelerate import Accelerator, debug_launcher
@@ -181,3 +183,38 @@ def test_two_processes_fit_the_truncated_factors_of_one(tmp_path) -> None:
         torch.testing.assert_close(ranks[0].tensors[name], ranks[1].tensors[name], rtol=0, atol=0)
         if name.endswith(("covariance", "residual_eigenvalues")):  # basis-independent sums
             torch.testing.assert_close(ranks[0].tensors[name], value, rtol=1e-8, atol=1e-14)
+
+
+def test_randomized_leading_eigenpairs_match_the_full_decomposition() -> None:
+    """Randomized subspace iteration against `eigh` on a factor with a decaying spectrum: the leading
+    eigenvalues, the projector onto their eigenvectors (orthonormal) and the residual (the mean of the others)."""
+    from hf_influence.curvature.eigen import decompose, leading_eigenpairs
+
+    generator = torch.Generator().manual_seed(5)
+    basis = torch.linalg.qr(torch.randn(200, 200, dtype=torch.float64, generator=generator)).Q
+    spectrum = 0.7 ** torch.arange(200, dtype=torch.float64)
+    covariance = basis @ torch.diag(spectrum) @ basis.T
+    exact = decompose(covariance, 20)
+    randomized = leading_eigenpairs(covariance, 20)
+    torch.testing.assert_close(randomized.values, exact.values, rtol=1e-10, atol=0)
+    torch.testing.assert_close(randomized.residual, exact.residual, rtol=1e-10, atol=0)
+    torch.testing.assert_close(randomized.vectors.T @ randomized.vectors, torch.eye(20, dtype=torch.float64))
+    torch.testing.assert_close(
+        randomized.vectors @ randomized.vectors.T, exact.vectors @ exact.vectors.T, rtol=0, atol=1e-8
+    )
+    with pytest.raises(ValueError, match="large_layer_solver"):
+        hfi.FactorConfig(large_layer_solver="lanczos")
+
+
+def test_randomized_solver_gives_the_damped_inverse_of_the_full_one(digits8) -> None:
+    """A fit whose large layers use the randomized solver scores as the one that decomposes them in full (their
+    leading spectra, on real gradients, are separated enough for six iterations)."""
+    task = hfi.DiffusionTask(tiny_unet().double(), DDPMScheduler())
+    queries = task.preprocess([digits8[i]["image"] for i in range(2)])
+    scores = {}
+    for solver in ("eigh", "randomized"):
+        config = dataclasses.replace(TRUNCATED, large_layer_solver=solver)
+        factors = hfi.fit_factors(task, digits8, config)
+        scores[solver] = hfi.pairwise_scores(task, factors, queries, digits8, damping=1e-3, draws_per_example=2)
+    expected = scores["eigh"]
+    torch.testing.assert_close(scores["randomized"], expected, rtol=1e-3, atol=1e-3 * expected.abs().max().item())
