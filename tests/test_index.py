@@ -348,6 +348,9 @@ def test_an_interrupted_eigenbasis_build_resumes_to_the_plain_build(setup, tmp_p
         hfi.build_index(crashing, dataset, config, output_dir=tmp_path / "resumed", factors=factors)
     assert (tmp_path / "resumed" / "partial-00000.safetensors").is_file()
     del crashing.run
+    refitted = hfi.fit_factors(task, dataset, hfi.FactorConfig(draws_per_example=1))  # not its basis's factors
+    with pytest.raises(ValueError, match=r"other settings \(factors differ\)"):
+        hfi.build_index(crashing, dataset, config, output_dir=tmp_path / "resumed", factors=refitted)
     resumed = hfi.build_index(crashing, dataset, config, output_dir=tmp_path / "resumed", factors=factors)
     assert resumed.metadata == plain.metadata
     for (ids_a, shard_a), (ids_b, shard_b) in zip(resumed.iter_shards(), plain.iter_shards(), strict=True):

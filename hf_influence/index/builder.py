@@ -100,7 +100,9 @@ def build_index(
         digest_columns=tuple(task.columns),
     )
     if ranks.is_main:
-        _prepare_build(directory, metadata, ranks.world, overwrite)
+        # An eigenbasis build resumes only with the factors its basis file came from.
+        used = {} if bases is None else {"factors": _factors_identity(factors)}
+        _prepare_build(directory, metadata, ranks.world, overwrite, used)
         if bases is not None and not (directory / BASIS_FILE).is_file():  # chosen once, kept on resume
             _write_eigenbasis(directory / BASIS_FILE, task, dataset, layers, bases, config)
     ranks.barrier()
@@ -180,6 +182,11 @@ def _whitened_bases(
     return whitened_bases(factors, layers)
 
 
+def _factors_identity(factors: InfluenceFactors) -> dict[str, Any]:
+    """What makes factors these factors (not how they were stored)."""
+    return {name: getattr(factors.metadata, name) for name in ("config", "total_draws", "model", "dataset")}
+
+
 def _write_eigenbasis(
     path: Path, task: Any, dataset: Any, layers: dict[str, Any], bases: dict[str, WhitenedBasis], config: IndexConfig
 ) -> None:
@@ -224,10 +231,13 @@ def _examples_per_shard(
     return min(config.shard_size, (config.max_shard_bytes - header) // per_example)
 
 
-def _prepare_build(directory: Path, metadata: IndexMetadata, world: int, overwrite: bool) -> None:
-    """Record the build's settings, or check that an interrupted build used the same ones; refuse a folder
-    holding anything else (a finished index included) unless `overwrite`."""
-    record = RunRecord(directory / BUILD_STATE_NAME, {"metadata": metadata, "num_processes": world}, "a partial index")
+def _prepare_build(
+    directory: Path, metadata: IndexMetadata, world: int, overwrite: bool, inputs: dict[str, Any]
+) -> None:
+    """Record the build's settings (and `inputs`, what else it depends on), or check that an interrupted build
+    used the same ones; refuse a folder holding anything else (a finished index included) unless `overwrite`."""
+    identity = {"metadata": metadata, "num_processes": world, **inputs}
+    record = RunRecord(directory / BUILD_STATE_NAME, identity, "a partial index")
     if record.exists():
         record.check()
         return
