@@ -182,13 +182,14 @@ def plot(table: dict[str, Any], path: Path) -> None:
         fontsize=7,
         va="bottom",
     )
-    axes.set_xscale("log", base=2)
-    axes.set_xlabel("KB per example")
-    axes.set_ylabel("LDS % (± s.e. over 32 queries), best damping")
-    axes.set_title("MNIST LDS benchmark: index compression against bytes")
-    axes.legend(fontsize=7, loc="lower right")
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
+    lds_draws.finish_plot(
+        figure,
+        axes,
+        "KB per example",
+        "LDS % (± s.e. over 32 queries), best damping",
+        "MNIST LDS benchmark: index compression against bytes",
+        path,
+    )
 
 
 def main() -> None:

@@ -187,17 +187,19 @@ def allocate_ranks(
         best, best_value = None, -1.0
         for name, (singular, bias) in energies.items():
             rank = ranks[name]
-            if rank >= len(singular) or spent + step_bytes(name) > budget:
+            if rank >= len(singular):
+                continue
+            cost = step_bytes(name)
+            if spent + cost > budget:
                 continue
             # At full rank the layer is stored exactly: the step gains every remaining singular value.
             gain = float(singular[rank:].sum() if rank + 1 == len(singular) else singular[rank]) + (0 if rank else bias)
-            cost = step_bytes(name)
             value = torch.inf if cost <= 0 else gain / cost
             if value > best_value:
-                best, best_value = name, value
+                best, best_value, best_cost = name, value, cost
         if best is None:
             return dict(ranks)
-        spent += step_bytes(best)
+        spent += best_cost
         ranks[best] += 1
 
 
