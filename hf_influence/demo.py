@@ -14,6 +14,7 @@ import contextlib
 import json
 import os
 import shutil
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -30,6 +31,7 @@ from .validation import check_int
 
 DEFAULT_CACHE_DIR = "~/.cache/hf_influence/demo"
 STAGES = ("digits", "ddpm", "factors", "index")
+CPU_STAT = Path("/proc/stat")  # Linux: time each CPU spent busy and idle
 
 
 @renamed_fields(factor_draws="factor_draws_per_example", index_draws="index_draws_per_example")
@@ -51,7 +53,7 @@ class DemoConfig:
         top_k: proponents and opponents shown by the app.
         seed: seeds the UNet's initialisation, the training draws, the factors and the index.
         threads: torch threads while building (None: the cores not already busy — the CPU count less the
-            1-minute load average, rounded — between 1 and 4). On 2 shared cores, two threads beside another
+            cores in use over half a second, rounded — between 1 and 4). On 2 shared cores, two threads beside another
             busy process ran the first build about twice as slowly as one (16.3 against 8.8 minutes); on an idle
             2-core machine two threads train 1.6 times as fast as one (5.4 against 3.3 steps/s).
     """
@@ -151,8 +153,27 @@ def prepare_demo(config: DemoConfig | None = None, cache_dir: str | Path = DEFAU
 
 
 def _free_cores() -> int:
-    """The CPU cores not already busy (the CPU count less the 1-minute load average), between 1 and 4."""
-    return min(4, max(1, (os.cpu_count() or 1) - round(os.getloadavg()[0])))
+    """The CPU cores not already busy (the CPU count less the cores in use, rounded), between 1 and 4."""
+    return min(4, max(1, (os.cpu_count() or 1) - round(_busy_cores())))
+
+
+def _busy_cores(interval: float = 0.5) -> float:
+    """The cores in use now, measured over `interval` seconds from /proc/stat where there is one, else the
+    1-minute load average (which lags: right after a finished `pip install` it still counts a busy core)."""
+    try:
+        busy_before, total_before = _cpu_times()
+        time.sleep(interval)
+        busy_after, total_after = _cpu_times()
+    except OSError:
+        return os.getloadavg()[0]
+    return (os.cpu_count() or 1) * (busy_after - busy_before) / max(total_after - total_before, 1)
+
+
+def _cpu_times() -> tuple[int, int]:
+    """(busy, total) time of all CPUs since boot, in clock ticks, from /proc/stat's first line."""
+    user, nice, system, idle, iowait, irq, softirq, steal = map(int, CPU_STAT.read_text().split()[1:9])
+    total = user + nice + system + idle + iowait + irq + softirq + steal  # guest time is inside user
+    return total - idle - iowait, total
 
 
 @contextlib.contextmanager

@@ -150,10 +150,10 @@ def test_interrupted_training_resumes_to_the_uninterrupted_model(tmp_path, monke
 
 
 @pytest.mark.parametrize(
-    ("cpus", "load", "threads", "expected"),
+    ("cpus", "busy", "threads", "expected"),
     [(2, 0.1, None, 2), (2, 1.2, None, 1), (2, 3.0, None, 1), (16, 2.0, None, 4), (2, 0.0, 3, 3)],
 )
-def test_the_demo_chooses_its_threads_and_gives_them_back(tmp_path, monkeypatch, cpus, load, threads, expected):
+def test_the_demo_chooses_its_threads_and_gives_them_back(tmp_path, monkeypatch, cpus, busy, threads, expected):
     import hf_influence.demo as demo
 
     seen = []
@@ -163,9 +163,26 @@ def test_the_demo_chooses_its_threads_and_gives_them_back(tmp_path, monkeypatch,
         raise KeyboardInterrupt  # stop the build here
 
     monkeypatch.setattr(demo.os, "cpu_count", lambda: cpus)
-    monkeypatch.setattr(demo.os, "getloadavg", lambda: (load, load, load))
+    monkeypatch.setattr(demo, "_busy_cores", lambda: busy)
     monkeypatch.setattr(demo, "_digits_stage", digits_stage)
     before = torch.get_num_threads()
     with pytest.raises(KeyboardInterrupt):
         prepare_demo(DemoConfig(**TINY, threads=threads), tmp_path)
     assert seen == [expected] and torch.get_num_threads() == before
+
+
+def test_busy_cores_are_measured_from_proc_stat_and_fall_back_to_the_load_average(tmp_path, monkeypatch):
+    import hf_influence.demo as demo
+
+    # 2 CPUs; between the readings 150 of 400 ticks were busy (user, system, irq, steal), 250 idle or iowait
+    readings = iter(["cpu  100 0 50 800 50 0 0 0 0 0\n", "cpu  200 0 80 1000 100 10 0 10 0 0\n"])
+    stat = tmp_path / "stat"
+    monkeypatch.setattr(demo, "CPU_STAT", stat)
+    monkeypatch.setattr(demo.os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(demo.time, "sleep", lambda _seconds: stat.write_text(next(readings)))
+    stat.write_text(next(readings))
+    assert demo._busy_cores() == pytest.approx(2 * 150 / 400)
+
+    monkeypatch.setattr(demo, "CPU_STAT", tmp_path / "missing")  # not Linux
+    monkeypatch.setattr(demo.os, "getloadavg", lambda: (1.5, 1.0, 0.5))
+    assert demo._busy_cores() == 1.5
