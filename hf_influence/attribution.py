@@ -28,6 +28,7 @@ from .task import DiffusionTask
 from .validation import check_float, check_int, check_type
 
 DEFAULT_DAMPING = 1e-8
+DEFAULT_CANDIDATES = 1024  # examples rescored exactly per query and side after a search-sketch pass
 
 
 def modules_of(task: DiffusionTask, names: Sequence[str]) -> dict[str, nn.Module]:
@@ -106,6 +107,7 @@ class AttributionResult:
     opponents: torch.Tensor  # (Q, k) column positions, by ascending score
     digests: torch.Tensor | None = None  # (N,) the indexed rows' digests (`row_digests.py`), to check `rows`
     digest_columns: tuple[str, ...] = ()  # the columns the digests cover
+    exact: torch.Tensor | None = None  # (N,) the columns scored exactly (else estimated by a search sketch)
 
     @property
     def proponent_ids(self) -> torch.Tensor:
@@ -238,13 +240,18 @@ class Attributor:
         labels: Sequence[Any] | None = None,
         prompts: Sequence[str] | None = None,
         num_draws: int | None = None,
+        candidates: int | None = None,
     ) -> AttributionResult:
         """Score `images` (with the class `labels` or `prompts` they were generated from, for a conditional
         pipeline) against every indexed example; `draws_per_query` defaults to the index's draws per example
-        (`num_draws` is its deprecated name)."""
+        (`num_draws` is its deprecated name). With an index that stores a search sketch (`IndexConfig.search_dim`),
+        each query's `candidates` (default 1024, at least `top_k`) best and worst examples by the sketch's estimate
+        are rescored exactly, and the proponents and opponents are chosen among them (`AttributionResult.exact`)."""
         draws_per_query = renamed_argument("num_draws", num_draws, "draws_per_query", draws_per_query)
         damping = self.damping if damping is None else check_float("damping", damping, minimum=0)
         top_k = check_int("top_k", top_k, minimum=1)
+        candidates = max(DEFAULT_CANDIDATES, top_k) if candidates is None else candidates
+        candidates = check_int("candidates", candidates, minimum=top_k)
         if draws_per_query is None:
             draws_per_query = self.index.config.draws_per_example
         draws_per_query = check_int("draws_per_query", draws_per_query, minimum=1)
@@ -255,15 +262,17 @@ class Attributor:
         for name, (weight, bias) in rotated.items():
             weight, bias = self.factors.precondition_in_eigenbasis(name, weight, bias, damping)
             queries[name] = self.index.compressor.query(name, weight.cpu(), None if bias is None else bias.cpu())
-        scores, ids = self.index.scores(queries)
+        scores, ids, exact = self.index.search(queries, candidates)
         k = min(top_k, scores.shape[1])
+        infinity = torch.tensor(float("inf"))
         return AttributionResult(
             scores=scores,
             ids=ids,
-            proponents=scores.topk(k, dim=1).indices,
-            opponents=scores.topk(k, dim=1, largest=False).indices,
+            proponents=scores.where(exact, -infinity).topk(k, dim=1).indices,
+            opponents=scores.where(exact, infinity).topk(k, dim=1, largest=False).indices,
             digests=self.index.row_digests(),
             digest_columns=self.index.metadata.digest_columns,
+            exact=exact,
         )
 
     def _rotated_query_gradients(

@@ -350,6 +350,12 @@ def add_attribute_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--damping", type=float, default=DEFAULT_DAMPING, help="λ added to the curvature")
     parser.add_argument("--top-k", type=int, default=8, help="proponents and opponents shown per query")
     parser.add_argument(
+        "--candidates",
+        type=int,
+        help="with an index that has a search sketch (--search-dim): examples rescored exactly per query and side "
+        "(default: 1024, or --top-k if larger)",
+    )
+    parser.add_argument(
         "--draws-per-query",
         type=int,
         default=None,
@@ -393,6 +399,7 @@ def run_attribute(args: argparse.Namespace) -> None:
         images,
         measurement=args.measurement,
         top_k=args.top_k,
+        candidates=args.candidates,
         draws_per_query=args.draws_per_query,
         seed=args.seed,
         **conditions.attribute_kwargs(),

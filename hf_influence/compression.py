@@ -69,6 +69,10 @@ class Compressor:
         """The query-side form of preconditioned query gradients `(Q, d_out, d_in)`, `(Q, d_out)`."""
         return self.encode(name, weight, bias)
 
+    def space_shape(self, name: str, d_out: int, d_in: int) -> tuple[int, int]:
+        """A layer's weight shape after `transform`: the space where stored and query-side forms are compared."""
+        return d_out, d_in
+
     def scores(self, name: str, query: Stored, stored: Stored) -> torch.Tensor:
         """`(Q, n)` inner products of query-side forms with stored examples."""
         result = query["weight"] @ stored["weight"].to(query["weight"].dtype).T
@@ -96,6 +100,10 @@ class ProjectionCompressor(Compressor):
 
     def query(self, name: str, weight: torch.Tensor, bias: torch.Tensor | None) -> Stored:
         return self.encode(name, *self.transform(name, weight, bias))
+
+    def space_shape(self, name: str, d_out: int, d_in: int) -> tuple[int, int]:
+        project_out, project_in = self.projections[name]
+        return project_out.shape[1], project_in.shape[1]
 
 
 class SVDCompressor(Compressor):
@@ -207,6 +215,9 @@ class Quantized(Compressor):
     def query(self, name: str, weight: torch.Tensor, bias: torch.Tensor | None) -> Stored:
         return self.inner.query(name, weight, bias)
 
+    def space_shape(self, name: str, d_out: int, d_in: int) -> tuple[int, int]:
+        return self.inner.space_shape(name, d_out, d_in)
+
     def scores(self, name: str, query: Stored, stored: Stored) -> torch.Tensor:
         if isinstance(self.inner, SVDCompressor):  # scores are not linear in the stored factors: decode
             return self.inner.scores(name, query, {key: self._decode(stored, key) for key in _codes(stored)})
@@ -232,6 +243,12 @@ def _codes(stored: Stored) -> list[str]:
     return [key for key, value in stored.items() if value.dtype == torch.uint8]
 
 
+def dequantized(stored: Stored) -> Stored:
+    """A layer's stored entry as the scores see it: 8-bit codes decoded (an unquantized entry is returned as is)."""
+    codes = _codes(stored)
+    return {key: Quantized._decode(stored, key) for key in codes} if codes else stored
+
+
 def bytes_per_example(compressor: Compressor, shapes: dict[str, tuple[int, int]], biases: dict[str, bool]) -> int:
     """What one example's stored tensors take, over every layer (its `layout`; the id and file header apart)."""
     return sum(sum(compressor.layout(name, *shape, biases[name]).values()) for name, shape in shapes.items())
@@ -240,12 +257,13 @@ def bytes_per_example(compressor: Compressor, shapes: dict[str, tuple[int, int]]
 def fit_to_budget(
     config: IndexConfig, shapes: dict[str, tuple[int, int]], biases: dict[str, bool], with_factors: bool
 ) -> IndexConfig:
-    """The config with the compression a byte budget (`config.max_bytes_per_example`) chooses: the exact
+    """The config with the compression a byte budget (`config.max_bytes_per_example`, less the search sketch's
+    bytes) chooses: the exact
     gradients when they fit; else, `with_factors`, 8-bit "eigenbasis" (its per-layer ranks are chosen from a sample
     of gradients as the build starts: `eigenbasis_compression.py`), the best on the LDS benchmark at every budget;
     else 8-bit SVD at the largest rank whose bytes fit (layers no wider than the rank are stored exactly).
     A config without a budget is kept."""
-    budget = config.max_bytes_per_example
+    budget = config.gradient_budget
     if budget is None:
         return config
     if bytes_per_example(Compressor(), shapes, biases) <= budget:
@@ -255,8 +273,10 @@ def fit_to_budget(
     smallest = bytes_per_example(Quantized(SVDCompressor(1)), shapes, biases)
     if smallest > budget:
         raise ValueError(
-            f"IndexConfig.max_bytes_per_example={budget} is below the smallest index of these {len(shapes)} layers "
-            f"({smallest} bytes per example at 8-bit rank 1): raise it, pass the factors (their eigenbasis "
+            f"IndexConfig.max_bytes_per_example={config.max_bytes_per_example} is below the smallest index of these "
+            f"{len(shapes)} layers ({smallest + config.sketch_bytes} bytes per example at 8-bit rank 1"
+            + (", with the search sketch" if config.sketch_bytes else "")
+            + "): raise it, pass the factors (their eigenbasis "
             "compression keeps only the layers that pay most), or index fewer layers (module_filter)."
         )
     rank = 1

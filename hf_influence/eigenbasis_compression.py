@@ -129,6 +129,9 @@ class EigenbasisCompressor(SVDCompressor):
     def query(self, name: str, weight: torch.Tensor, bias: torch.Tensor | None) -> Stored:
         return super().query(name, *self.bases[name].scaled(weight, bias, 1))
 
+    def space_shape(self, name: str, d_out: int, d_in: int) -> tuple[int, int]:
+        return d_out, self.bases[name].width
+
 
 def choose_ranks(
     task: DiffusionTask,
@@ -154,7 +157,7 @@ def choose_ranks(
             singular, bias_energy = singular_energies(weight.cpu(), None if bias is None else bias.cpu())
             before = energies.get(name, (0, 0.0))
             energies[name] = (before[0] + singular, before[1] + bias_energy)
-    ranks = allocate_ranks(bases, energies, config.max_bytes_per_example)
+    ranks = allocate_ranks(bases, energies, config.gradient_budget)
     if not any(ranks.values()):
         raise ValueError(
             f"IndexConfig.max_bytes_per_example={config.max_bytes_per_example} is below the smallest entry of any "

@@ -62,7 +62,9 @@ def test_two_processes_fit_the_factors_of_one(tmp_path, streaming):
 
 
 def _index_config(compressed: bool) -> hfi.IndexConfig:
-    return hfi.IndexConfig(draws_per_example=2, shard_size=4, max_bytes_per_example=12_000 if compressed else None)
+    if not compressed:
+        return hfi.IndexConfig(draws_per_example=2, shard_size=4)
+    return hfi.IndexConfig(draws_per_example=2, shard_size=4, max_bytes_per_example=12_000, search_dim=32)
 
 
 def _index_on_every_rank(output_dir: str, factors_dir: str | None) -> None:
@@ -97,6 +99,8 @@ def test_two_processes_build_the_index_of_one(tmp_path, compression):
                 if value.dtype == torch.uint8:  # compare fp32 values: codes of a gradient that is 0 up to rounding vary
                     value, other, rtol = Quantized._decode(stored, key), Quantized._decode(shard_two[module], key), 1e-6
                 torch.testing.assert_close(other, value, rtol=rtol, atol=1e-12)
+    if compression == "eigenbasis":  # with a search sketch, equal up to its bf16 rounding
+        torch.testing.assert_close(merged.sketch_column().float(), single.sketch_column().float(), rtol=1e-2, atol=1e-6)
 
 
 def _needs_ids_on_every_rank() -> None:

@@ -22,7 +22,7 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from ..artifacts import ArtifactFiles, FileRecord, check_output_folder
-from ..compression import Compressor, bytes_per_example, fit_to_budget, make_compressor
+from ..compression import Compressor, bytes_per_example, dequantized, fit_to_budget, make_compressor
 from ..curvature.layers import find_layers, layer_kind
 from ..data import check_dataset
 from ..distributed import Ranks
@@ -49,6 +49,7 @@ from ..tensor_files import read_safetensors
 from ..validation import check_type
 from .config import IndexConfig, IndexMetadata, ShardRecord
 from .reader import GradientIndex
+from .sketch import SKETCH_KEY, SearchSketch
 
 BUILD_STATE_NAME = "build_state.json"
 
@@ -107,7 +108,7 @@ def build_index(
             _write_eigenbasis(directory / BASIS_FILE, task, dataset, layers, bases, config)
     ranks.barrier()
     compressor = make_compressor(config, shapes, _read_eigenbasis(directory, metadata) if bases is not None else None)
-    metadata = replace(metadata, bytes_per_example=bytes_per_example(compressor, shapes, biases))  # as recorded
+    metadata = replace(metadata, bytes_per_example=bytes_per_example(compressor, shapes, biases) + config.sketch_bytes)
     prefix = "partial-" if ranks.world == 1 else f"partial-rank{ranks.rank:03d}-"
     shards = _partial_shards(directory, prefix)
     _index_part(task, ranks, ranks.split(dataset), layers, compressor, metadata, directory / prefix, shards)
@@ -142,6 +143,8 @@ def _index_part(
     batches = dataset_batches(
         remaining, task, metadata.examples_per_shard, config.id_column, start=done, rank_part=ranks.world > 1
     )
+    sketch = None if config.search_dim is None else SearchSketch(config.search_dim, config.seed)
+    space = {name: compressor.space_shape(name, *shape) for name, shape in metadata.shapes.items()}
     total = len(part) if hasattr(part, "__len__") else None
     with tqdm(
         total=total, initial=done, desc="Indexing training gradients", unit="example", disable=not ranks.is_main
@@ -153,10 +156,15 @@ def _index_part(
                 grads = per_example_gradients(
                     task, layers, batch.examples[rows], batch.ids[rows], plan, transform=compressor.transform
                 )
+                sketched = 0
                 for name, (weight, bias) in grads.items():
                     stored = compressor.encode(name, weight.cpu(), None if bias is None else bias.cpu())
                     for key, value in stored.items():
                         tensors.setdefault(f"{name}.{key}", []).append(value)
+                    if sketch is not None:  # of the entry as stored, which the exact rescoring reads
+                        sketched = sketched + sketch.layer(name, dequantized(stored), space[name])
+                if sketch is not None:
+                    tensors.setdefault(SKETCH_KEY, []).append(sketched.to(torch.bfloat16))
                 progress.update(len(batch.ids[rows]))
             path = Path(f"{prefix}{len(shards):05d}.safetensors")
             shards.append(_write_shard(path, batch.ids, batch.digests, tensors, config))
@@ -211,17 +219,23 @@ def _examples_per_shard(
         return config.shard_size
     if bases is None:
         compressor = make_compressor(config, shapes)
-        per_example = 8 + bytes_per_example(compressor, shapes, biases)
+        per_example = 8 + config.sketch_bytes + bytes_per_example(compressor, shapes, biases)
     else:
         uniform = config.rank if config.max_bytes_per_example is None else 1
         compressor = make_compressor(config, shapes, EigenbasisCompressor(bases, dict.fromkeys(bases, uniform)))
-        per_example = 8 + (config.max_bytes_per_example or bytes_per_example(compressor, shapes, biases))
+        per_example = (
+            8 + config.sketch_bytes + (config.gradient_budget or bytes_per_example(compressor, shapes, biases))
+        )
     # Bytes per example (its id, then its tensors), and the header: a JSON entry of about 64 characters
     # (dtype, shape, offsets) plus the name, per tensor.
-    header = 128 + sum(
-        64 + len(f"{name}.{key}")
-        for name, (d_out, d_in) in shapes.items()
-        for key in compressor.layout(name, d_out, d_in, biases[name])
+    header = (
+        128
+        + (64 if config.search_dim else 0)
+        + sum(
+            64 + len(f"{name}.{key}")
+            for name, (d_out, d_in) in shapes.items()
+            for key in compressor.layout(name, d_out, d_in, biases[name])
+        )
     )
     if per_example + header > config.max_shard_bytes:
         raise ValueError(

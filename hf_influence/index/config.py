@@ -43,6 +43,9 @@ class IndexConfig:
             default: the same draws for every example and query, the best of the options on the LDS benchmark
             at every draw count), "plain" Monte Carlo, or options joined by "+" ("stratified", "antithetic",
             "common"); queries against the index use the same.
+        search_dim: values of each example's search sketch (`sketch.py`, bf16: 2 bytes each, inside the budget):
+            a search then scores every example by its sketch and rescores the best candidates exactly, which
+            keeps top-k over a million examples under a second; None stores no sketch (every search exhaustive).
     """
 
     draws_per_example: int = 250
@@ -58,6 +61,7 @@ class IndexConfig:
     id_column: str = "id"
     estimator: str = DEFAULT_ESTIMATOR
     max_bytes_per_example: int | None = None
+    search_dim: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("draws_per_example", "batch_size", "shard_size", "rank", "projection_dim"):
@@ -78,9 +82,26 @@ class IndexConfig:
                     "IndexConfig.max_bytes_per_example chooses the compression (exact, eigenbasis or SVD): leave "
                     "compression='projection' out, or drop the budget."
                 )
+        if self.search_dim is not None:
+            object.__setattr__(self, "search_dim", check_int("IndexConfig.search_dim", self.search_dim, minimum=1))
+            if self.max_bytes_per_example is not None and self.sketch_bytes >= self.max_bytes_per_example:
+                raise ValueError(
+                    f"IndexConfig.search_dim={self.search_dim} takes {self.sketch_bytes} bytes per example, the whole "
+                    f"max_bytes_per_example={self.max_bytes_per_example}: lower it or raise the budget."
+                )
         check_regex("IndexConfig.module_filter", self.module_filter)
         check_str("IndexConfig.id_column", self.id_column)
         Estimator.named(self.estimator)
+
+    @property
+    def sketch_bytes(self) -> int:
+        """Bytes of one example's search sketch (0 without one)."""
+        return 2 * (self.search_dim or 0)
+
+    @property
+    def gradient_budget(self) -> int | None:
+        """The byte budget left for one example's compressed gradients once its sketch is stored."""
+        return None if self.max_bytes_per_example is None else self.max_bytes_per_example - self.sketch_bytes
 
 
 @dataclass(frozen=True)
@@ -106,7 +127,8 @@ class IndexMetadata:
         shards: the shards in id order.
         digest_columns: the dataset columns each example's row digest covers (`row_digests.py`); empty for indices
             of format version 1, which stored no digests.
-        bytes_per_example: what one example's stored gradients take (the shards' tensors, ids and header apart);
+        bytes_per_example: what one example's stored gradients and search sketch take (the shards' tensors, ids
+            and header apart);
             None for indices built before it was recorded.
     """
 

@@ -25,6 +25,7 @@ from ..files import atomic_write
 from ..row_digests import check_rows
 from ..tensor_files import read_safetensors
 from .config import IndexMetadata, migrate_v1
+from .sketch import SKETCH_KEY, SearchSketch
 
 SHARD_PATTERN = "index-*.safetensors"
 
@@ -44,6 +45,10 @@ class GradientIndex(ModelArtifact):
         self.files = files
         self.metadata = metadata
         self._digests: torch.Tensor | None = None
+        self._ids: torch.Tensor | None = None
+        self._sketch_column: torch.Tensor | None = None
+        config = metadata.config
+        self.sketch = None if config.search_dim is None else SearchSketch(config.search_dim, config.seed)
         shapes = {name: tuple(shape) for name, shape in metadata.shapes.items()}
         eigenbasis = None
         if metadata.config.compression == "eigenbasis":
@@ -108,6 +113,7 @@ class GradientIndex(ModelArtifact):
             except ValueError as error:
                 raise ValueError(f"Index shard {path} cannot be read: it is corrupt. ({error})") from error
             tensors.pop("digests", None)
+            tensors.pop(SKETCH_KEY, None)
             yield tensors.pop("ids"), _split_modules(tensors, self.modules)
 
     def scores(self, queries: dict[str, Stored]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -119,8 +125,48 @@ class GradientIndex(ModelArtifact):
             ids.append(shard_ids)
         return torch.cat(columns, dim=1).to(torch.float32), torch.cat(ids)
 
+    def search(self, queries: dict[str, Stored], candidates: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Scores `(Q, N)` as `scores` gives them, but exact only where `exact` `(N,)` is set: every example is
+        scored by its search sketch (`sketch.py`), and each query's `candidates` best and worst by that estimate
+        are rescored exactly from their entries (read from the memory-mapped shards). Returns (scores, ids,
+        exact); an index without a sketch, or with no more than 2 × `candidates` examples, scores all exactly."""
+        if self.sketch is None or 2 * candidates >= len(self):
+            scores, ids = self.scores(queries)
+            return scores, ids, torch.ones(len(ids), dtype=torch.bool)
+        space = {name: self.compressor.space_shape(name, *shape) for name, shape in self.metadata.shapes.items()}
+        estimates = (self.sketch.of(queries, space).to(torch.bfloat16) @ self.sketch_column().T).float()
+        chosen = torch.cat([estimates.topk(candidates, dim=1).indices, (-estimates).topk(candidates, dim=1).indices])
+        positions = chosen.unique()  # sorted, each read once for every query
+        exact = torch.zeros(len(self), dtype=torch.bool)
+        exact[positions] = True
+        estimates[:, positions] = self._exact_scores(queries, positions)
+        return estimates, self.ids(), exact
+
+    def _exact_scores(self, queries: dict[str, Stored], positions: torch.Tensor) -> torch.Tensor:
+        """`(Q, len(positions))` exact scores of the examples at sorted `positions`, reading only their rows."""
+        columns, start = [], 0
+        for shard in self.metadata.shards:
+            local = positions[(positions >= start) & (positions < start + shard.num_examples)] - start
+            start += shard.num_examples
+            if not len(local):
+                continue
+            path = self.files.path(shard.file)
+            tensors = read_safetensors(path, lambda name: name not in ("ids", "digests", SKETCH_KEY), mmap=True)
+            stored = _split_modules({name: tensor[local] for name, tensor in tensors.items()}, self.modules)
+            columns.append(sum(self.compressor.scores(name, queries[name], stored[name]) for name in queries))
+        return torch.cat(columns, dim=1).to(torch.float32)
+
+    def sketch_column(self) -> torch.Tensor:
+        """`(N, search_dim)` bf16: every example's search sketch, read once and kept."""
+        if self._sketch_column is None:
+            self._sketch_column = self._column(SKETCH_KEY)
+        return self._sketch_column
+
     def ids(self) -> torch.Tensor:
-        return self._column("ids")
+        """`(N,)` the indexed examples' ids, read once and kept."""
+        if self._ids is None:
+            self._ids = self._column("ids")
+        return self._ids
 
     def row_digests(self) -> torch.Tensor | None:
         """Each example's row digest (`row_digests.py`), in the order of `ids()`; None for a format-1 index."""

@@ -151,8 +151,8 @@ class Plan:
 
     @property
     def index_bytes_per_example(self) -> int:
-        """One example's index entry, with its int64 id."""
-        return self.totals()["index_per_example"] + 8
+        """One example's index entry, with its int64 id and search sketch."""
+        return self.totals()["index_per_example"] + 8 + self.index_config.sketch_bytes
 
     @property
     def eigenbasis_file_bytes(self) -> int:
@@ -407,7 +407,7 @@ def planned_eigenbasis(layers: list[LayerPlan], index: IndexConfig) -> Eigenbasi
     if index.max_bytes_per_example is None:
         return EigenbasisCompressor(bases, dict.fromkeys(bases, index.rank))
     flat = {layer.name: (torch.ones(min(layer.d_out, _width(layer))), 0.0) for layer in layers}
-    return EigenbasisCompressor(bases, allocate_ranks(bases, flat, index.max_bytes_per_example))
+    return EigenbasisCompressor(bases, allocate_ranks(bases, flat, index.gradient_budget))
 
 
 def _width(layer: LayerPlan) -> int:
