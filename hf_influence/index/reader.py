@@ -143,8 +143,10 @@ class GradientIndex(ModelArtifact):
         return estimates, self.ids(), exact
 
     def _exact_scores(self, queries: dict[str, Stored], positions: torch.Tensor) -> torch.Tensor:
-        """`(Q, len(positions))` exact scores of the examples at sorted `positions`, reading only their rows."""
-        columns, start = [], 0
+        """`(Q, len(positions))` exact scores of the examples at sorted `positions`, reading only their rows (gathered
+        from every shard first, then scored once per layer)."""
+        rows: dict[str, list[torch.Tensor]] = {}
+        start = 0
         for shard in self.metadata.shards:
             local = positions[(positions >= start) & (positions < start + shard.num_examples)] - start
             start += shard.num_examples
@@ -152,9 +154,10 @@ class GradientIndex(ModelArtifact):
                 continue
             path = self.files.path(shard.file)
             tensors = read_safetensors(path, lambda name: name not in ("ids", "digests", SKETCH_KEY), mmap=True)
-            stored = _split_modules({name: tensor[local] for name, tensor in tensors.items()}, self.modules)
-            columns.append(sum(self.compressor.scores(name, queries[name], stored[name]) for name in queries))
-        return torch.cat(columns, dim=1).to(torch.float32)
+            for name, tensor in tensors.items():
+                rows.setdefault(name, []).append(tensor[local])
+        stored = _split_modules({name: torch.cat(parts) for name, parts in rows.items()}, self.modules)
+        return sum(self.compressor.scores(name, queries[name], stored[name]) for name in queries).to(torch.float32)
 
     def sketch_column(self) -> torch.Tensor:
         """`(N, search_dim)` bf16: every example's search sketch, read once and kept."""

@@ -18,6 +18,7 @@ from ..compression import Stored
 from ..seeding import seeded_generator
 
 SKETCH_KEY = "sketch"  # the shard tensor (n, m), bf16
+KEPT_VALUES = 64 * 2**20  # Gaussians kept between calls, at most (256 MB of fp32)
 
 
 class SearchSketch:
@@ -27,12 +28,22 @@ class SearchSketch:
     def __init__(self, dim: int, seed: int) -> None:
         self.dim = dim
         self.seed = seed
+        self._kept: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        self._kept_values = 0
 
     def _gaussians(self, name: str, d_out: int, width: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """P (d_out, m) and R (width, m) for the weight, B (d_out, m) for the bias; drawn anew on each call (kept,
-        they would take (2 d_out + width) · m floats per layer)."""
+        """P (d_out, m) and R (width, m) for the weight, B (d_out, m) for the bias. Drawing them is most of a
+        query's sketch, so they are kept while all kept take at most `KEPT_VALUES` floats (a large model's would
+        take gigabytes: the rest are drawn anew each time)."""
+        if name in self._kept:
+            return self._kept[name]
         generator = seeded_generator(self.seed, "search-sketch", name)
-        return tuple(torch.randn(size, self.dim, generator=generator) for size in (d_out, width, d_out))
+        gaussians = tuple(torch.randn(size, self.dim, generator=generator) for size in (d_out, width, d_out))
+        values = (2 * d_out + width) * self.dim
+        if self._kept_values + values <= KEPT_VALUES:
+            self._kept[name] = gaussians
+            self._kept_values += values
+        return gaussians
 
     def layer(self, name: str, entry: Stored, space_shape: tuple[int, int]) -> torch.Tensor:
         """`(n, m)`: one layer's part of the sketch of `n` entries (stored or query-side forms, dequantized): a dense
