@@ -35,11 +35,10 @@ def sketch_column(index, sketch) -> torch.Tensor:
     """Every example's sketch of size `sketch.dim`, from its stored entries, as `build_index` computes it."""
     from hf_influence.compression import dequantized
 
-    space = {name: index.compressor.space_shape(name, *shape) for name, shape in index.metadata.shapes.items()}
     parts = []
     for _, stored in index.iter_shards():
         entries = {name: dequantized(entry) for name, entry in stored.items()}
-        parts.append(sketch.of(entries, space).to(torch.bfloat16))
+        parts.append(sketch.of(entries, index.space_shapes).to(torch.bfloat16))
     return torch.cat(parts)
 
 

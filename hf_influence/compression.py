@@ -258,11 +258,10 @@ def fit_to_budget(
     config: IndexConfig, shapes: dict[str, tuple[int, int]], biases: dict[str, bool], with_factors: bool
 ) -> IndexConfig:
     """The config with the compression a byte budget (`config.max_bytes_per_example`, less the search sketch's
-    bytes) chooses: the exact
-    gradients when they fit; else, `with_factors`, 8-bit "eigenbasis" (its per-layer ranks are chosen from a sample
-    of gradients as the build starts: `eigenbasis_compression.py`), the best on the LDS benchmark at every budget;
-    else 8-bit SVD at the largest rank whose bytes fit (layers no wider than the rank are stored exactly).
-    A config without a budget is kept."""
+    bytes) chooses: the exact gradients when they fit; else, `with_factors`, 8-bit "eigenbasis" (its per-layer
+    ranks are chosen from a sample of gradients as the build starts: `eigenbasis_compression.py`), the best on the
+    LDS benchmark at every budget; else 8-bit SVD at the largest rank whose bytes fit (layers no wider than the
+    rank are stored exactly). A config without a budget is kept."""
     budget = config.gradient_budget
     if budget is None:
         return config

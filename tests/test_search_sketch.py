@@ -7,6 +7,7 @@ import pytest
 import torch
 from conftest import mnist_dataset, tiny_unet
 from diffusers import DDPMScheduler
+from safetensors import safe_open
 
 import hf_influence as hfi
 from hf_influence.compression import dequantized
@@ -79,8 +80,6 @@ def test_an_index_with_a_sketch_meets_its_budget_and_its_search_rescores_the_can
     # The sketch (bf16, 2 bytes a value) is inside the budget, and recorded: the stored bytes are what is recorded.
     stored = 0
     for shard in index.metadata.shards:
-        from safetensors import safe_open
-
         with safe_open(str(index.files.path(shard.file)), framework="pt") as handle:
             for key in handle.keys():  # noqa: SIM118 (safe_open has no __iter__)
                 if key not in ("ids", "digests"):
@@ -88,9 +87,11 @@ def test_an_index_with_a_sketch_meets_its_budget_and_its_search_rescores_the_can
                     stored += tensor.numel() * tensor.element_size()
     assert stored / len(index) == index.metadata.bytes_per_example <= 6000
     # The stored sketch is the sketch of the stored entries.
-    space = {name: index.compressor.space_shape(name, *shape) for name, shape in index.metadata.shapes.items()}
     expected = torch.cat(
-        [index.sketch.of({n: dequantized(e) for n, e in entries.items()}, space) for _, entries in index.iter_shards()]
+        [
+            index.sketch.of({n: dequantized(e) for n, e in entries.items()}, index.space_shapes)
+            for _, entries in index.iter_shards()
+        ]
     )
     torch.testing.assert_close(
         index.sketch_column().float(), expected, rtol=1e-2, atol=1e-3 * expected.abs().max().item()

@@ -54,6 +54,8 @@ class GradientIndex(ModelArtifact):
         if metadata.config.compression == "eigenbasis":
             eigenbasis = compressor_from_tensors(read_safetensors(files.path(BASIS_FILE)), self.modules)
         self.compressor: Compressor = make_compressor(metadata.config, shapes, eigenbasis)
+        # Each layer's shape where its stored and query-side forms are compared (what the search sketch projects).
+        self.space_shapes = {name: self.compressor.space_shape(name, *shape) for name, shape in shapes.items()}
 
     def __len__(self) -> int:
         return self.metadata.num_examples
@@ -133,8 +135,7 @@ class GradientIndex(ModelArtifact):
         if self.sketch is None or 2 * candidates >= len(self):
             scores, ids = self.scores(queries)
             return scores, ids, torch.ones(len(ids), dtype=torch.bool)
-        space = {name: self.compressor.space_shape(name, *shape) for name, shape in self.metadata.shapes.items()}
-        estimates = (self.sketch.of(queries, space).to(torch.bfloat16) @ self.sketch_column().T).float()
+        estimates = (self.sketch.of(queries, self.space_shapes).to(torch.bfloat16) @ self.sketch_column().T).float()
         chosen = torch.cat([estimates.topk(candidates, dim=1).indices, (-estimates).topk(candidates, dim=1).indices])
         positions = chosen.unique()  # sorted, each read once for every query
         exact = torch.zeros(len(self), dtype=torch.bool)
