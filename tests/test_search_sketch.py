@@ -73,11 +73,19 @@ def setup():
     return task, dataset, factors, queries
 
 
-def test_an_index_with_a_sketch_meets_its_budget_and_its_search_rescores_the_candidates(setup, tmp_path):
+COMPRESSORS = {  # the sketch's compressor, chosen by a budget or named
+    "budget": {"max_bytes_per_example": 6000},
+    "eigenbasis": {"compression": "eigenbasis", "rank": 2, "quantize_bits": 8},
+}
+
+
+@pytest.mark.parametrize("compressor", list(COMPRESSORS))
+def test_an_index_with_a_sketch_records_its_bytes_and_its_search_rescores_the_candidates(setup, tmp_path, compressor):
     task, dataset, factors, queries = setup
-    config = hfi.IndexConfig(draws_per_example=DRAWS, shard_size=16, max_bytes_per_example=6000, search_dim=512)
+    options = COMPRESSORS[compressor]
+    config = hfi.IndexConfig(draws_per_example=DRAWS, shard_size=16, search_dim=512, **options)
     index = hfi.build_index(task, dataset, config, output_dir=tmp_path, factors=factors)
-    # The sketch (bf16, 2 bytes a value) is inside the budget, and recorded: the stored bytes are what is recorded.
+    # The sketch (bf16, 2 bytes a value) is inside any budget, and recorded: the stored bytes are what is recorded.
     stored = 0
     for shard in index.metadata.shards:
         with safe_open(str(index.files.path(shard.file)), framework="pt") as handle:
@@ -85,7 +93,7 @@ def test_an_index_with_a_sketch_meets_its_budget_and_its_search_rescores_the_can
                 if key not in ("ids", "digests"):
                     tensor = handle.get_tensor(key)
                     stored += tensor.numel() * tensor.element_size()
-    assert stored / len(index) == index.metadata.bytes_per_example <= 6000
+    assert stored / len(index) == index.metadata.bytes_per_example <= options.get("max_bytes_per_example", stored)
     # The stored sketch is the sketch of the stored entries.
     expected = torch.cat(
         [
@@ -120,3 +128,20 @@ def test_a_sketch_larger_than_the_budget_is_refused():
         hfi.IndexConfig(max_bytes_per_example=8000, search_dim=4096)
     with pytest.raises(ValueError, match="search_dim"):
         hfi.IndexConfig(search_dim=0)
+
+
+@pytest.mark.parametrize("options", [{"compression": "none"}, {"compression": "svd"}, {"compression": "projection"}])
+def test_a_sketch_of_unwhitened_gradients_is_refused(options):
+    """Between raw gradients the sketch's estimates do not rank the examples (Spearman about 0): refused."""
+    with pytest.raises(ValueError, match=rf"search_dim needs compression='eigenbasis'.*not '{options['compression']}'"):
+        hfi.IndexConfig(search_dim=64, **options)
+
+
+def test_a_sketch_under_a_budget_without_factors_is_refused_before_any_work(setup, tmp_path):
+    task, dataset, _, _ = setup
+    config = hfi.IndexConfig(max_bytes_per_example=6000, search_dim=64)
+    with pytest.raises(
+        ValueError, match=r"search_dim under a budget needs the factors \(build_index\(\.\.\., factors="
+    ):
+        hfi.build_index(task, dataset, config, output_dir=tmp_path / "index")
+    assert not (tmp_path / "index").exists()

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..compression import COMPRESSIONS
+from ..compression import COMPRESSIONS, SKETCH_NEEDS_WHITENING
 from ..deprecation import renamed_fields
 from ..estimators import DEFAULT_ESTIMATOR, Estimator
 from ..provenance import DatasetSource, ModelProvenance
@@ -88,6 +88,11 @@ class IndexConfig:
                 raise ValueError(
                     f"IndexConfig.search_dim={self.search_dim} takes {self.sketch_bytes} bytes per example, the whole "
                     f"max_bytes_per_example={self.max_bytes_per_example}: lower it or raise the budget."
+                )
+            if self.max_bytes_per_example is None and self.compression != "eigenbasis":
+                raise ValueError(
+                    f"IndexConfig.search_dim needs compression='eigenbasis' (or a max_bytes_per_example budget, which "
+                    f"chooses it given the factors), not {self.compression!r}: {SKETCH_NEEDS_WHITENING}"
                 )
         check_regex("IndexConfig.module_filter", self.module_filter)
         check_str("IndexConfig.id_column", self.id_column)
