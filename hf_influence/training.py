@@ -47,9 +47,9 @@ class TrainConfig:
         attention: whether the down block at index (n - 1) // 2 of n, and its mirrored up block, use
             attention (AttnDownBlock2D / AttnUpBlock2D); for 4 blocks at 32×32 that is the 16×16 level,
             as in the paper's CIFAR UNet. The middle block has attention either way.
-        attention_head_dim: channels per attention head (diffusers' default 8); it must divide the width of
-            every level with attention. On a CPU a small UNet trains faster with fewer, wider heads (the
-            demo's 32-channel levels: one head of 32 channels, 1.7× the steps per second of four of 8).
+        attention_head_dim: channels per attention head (diffusers' default 8; None: one head as wide as its
+            level); it must divide the width of every level with attention. On a CPU a small UNet trains faster
+            with fewer, wider heads (the demo's 32-channel levels: one head, 1.7× the steps per second of four).
         norm_num_groups: GroupNorm groups; must divide every entry of block_out_channels.
         num_train_timesteps: diffusion steps T of the DDPMScheduler.
         beta_schedule: DDPMScheduler beta schedule ("linear" from 1e-4 to 0.02, "scaled_linear",
@@ -80,7 +80,7 @@ class TrainConfig:
     block_out_channels: tuple[int, ...] = (128, 256, 256, 256)
     layers_per_block: int = 2
     attention: bool = True
-    attention_head_dim: int = 8
+    attention_head_dim: int | None = 8
     norm_num_groups: int = 32
     num_train_timesteps: int = 1000
     beta_schedule: str = "linear"
@@ -113,7 +113,7 @@ class TrainConfig:
                 self.channels,
                 self.layers_per_block,
                 self.batch_size,
-                self.attention_head_dim,
+                1 if self.attention_head_dim is None else self.attention_head_dim,
                 len(self.block_out_channels),
             )
             < 1
@@ -136,7 +136,7 @@ class TrainConfig:
                 f"{len(self.block_out_channels) - 1} downsamplings."
             )
         attention_widths = sorted({self.block_out_channels[level] for level in self.attention_levels})
-        if any(width % self.attention_head_dim for width in attention_widths):
+        if self.attention_head_dim and any(width % self.attention_head_dim for width in attention_widths):
             raise ValueError(
                 f"attention_head_dim={self.attention_head_dim} must divide the width of every level with attention "
                 f"{attention_widths}."

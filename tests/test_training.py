@@ -3,6 +3,7 @@ processes like one with the combined batch, refuses bad data clearly, and the sc
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -19,6 +20,7 @@ from diffusers import DiffusionPipeline
 from safetensors.torch import load_file
 
 import hf_influence as hfi
+from hf_influence.training import build_unet
 
 ROOT = Path(__file__).parents[1]
 SCRIPT = ROOT / "scripts" / "train_ddpm.py"
@@ -146,3 +148,16 @@ def test_script_trains_from_a_saved_dataset(digits, tmp_path):
     recorded = json.loads((tmp_path / "ddpm" / "training_config.json").read_text())
     assert recorded["max_steps"] == 2 and recorded["random_flip"] is False and recorded["block_out_channels"] == [8, 16]
     assert DiffusionPipeline.from_pretrained(tmp_path / "ddpm").unet.config.sample_size == 16
+
+
+def test_attention_heads_are_as_configured_and_must_divide_the_attention_widths():
+    config = hfi.TrainConfig(resolution=16, channels=1, block_out_channels=(16, 32, 32), norm_num_groups=8)
+    heads = {
+        name: module.heads
+        for name, module in build_unet(dataclasses.replace(config, attention_head_dim=None)).named_modules()
+        if type(module).__name__ == "Attention"
+    }
+    assert heads and set(heads.values()) == {1}  # the 32-channel attention level and the middle block: one head
+    assert {module.heads for module in build_unet(config).modules() if type(module).__name__ == "Attention"} == {4}
+    with pytest.raises(ValueError, match=r"attention_head_dim=12 must divide the width of every level with attention"):
+        dataclasses.replace(config, attention_head_dim=12)
